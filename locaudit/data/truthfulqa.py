@@ -1,0 +1,207 @@
+"""TruthfulQA: find the files, verify them, parse the 817 questions, and split them by question.
+
+Search order for the data directory: an explicit argument (`--data-dir`), `$LOCAUDIT_DATA`, the project's
+`../shared/data/truthfulqa`, the user cache, and only then a download from the canonical repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from locaudit.errors import LocauditError
+from locaudit.storage import cache_dir, file_sha256, stable_hash
+
+FILES = ("TruthfulQA.csv", "mc_task.json", "finetune_truth.jsonl", "finetune_info.jsonl")
+CANONICAL = {
+    "TruthfulQA.csv": "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/TruthfulQA.csv",
+    "mc_task.json": "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/mc_task.json",
+    "finetune_truth.jsonl": "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/finetune_truth.jsonl",
+    "finetune_info.jsonl": "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/finetune_info.jsonl",
+}
+REQUIRED_COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One TruthfulQA question with its reference answers and MC targets ((answer, label) tuples)."""
+
+    id: int
+    question: str
+    best_answer: str
+    correct: tuple[str, ...]
+    incorrect: tuple[str, ...]
+    category: str = ""
+    type: str = ""
+    mc1: tuple[tuple[str, int], ...] = ()
+    mc2: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Disjoint train/validation/test question sets; `hash` identifies the split in caches and edit files."""
+
+    train: tuple[Question, ...]
+    val: tuple[Question, ...]
+    test: tuple[Question, ...]
+    seed: int
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hash(self) -> str:
+        return stable_hash({k: [q.id for q in getattr(self, k)] for k in ("train", "val", "test")})
+
+    def part(self, name: str) -> tuple[Question, ...]:
+        if name not in ("train", "val", "test"):
+            raise LocauditError(f"unknown split '{name}'; use train, val or test")
+        return getattr(self, name)
+
+
+def _project_shared() -> list[Path]:
+    here = Path(__file__).resolve().parents[2]  # repository root when installed in editable mode
+    return [Path.cwd() / ".." / "shared" / "data" / "truthfulqa", here / ".." / "shared" / "data" / "truthfulqa"]
+
+
+def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Locate a TruthfulQA directory (see module docstring); download into the cache as a last resort."""
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        missing = [f for f in ("TruthfulQA.csv",) if not (path / f).is_file()]
+        if missing:
+            raise LocauditError(f"--data-dir {path} has no {missing[0]}; point it at a TruthfulQA data directory")
+        return path
+    env = os.environ.get("LOCAUDIT_DATA")
+    if env:
+        return find_data_dir(env, download=False)
+    for cand in _project_shared():
+        if (cand / "TruthfulQA.csv").is_file():
+            return cand.resolve()
+    cached = cache_dir() / "truthfulqa"
+    if all((cached / f).is_file() for f in FILES):
+        return cached
+    if not download:
+        raise LocauditError("TruthfulQA not found; pass --data-dir DIR or set LOCAUDIT_DATA")
+    return _download(cached)
+
+
+def _download(target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name, url in CANONICAL.items():
+        if (target / name).is_file():
+            continue
+        tmp = target / f".{name}.part"
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as e:
+            raise LocauditError(
+                f"TruthfulQA not found locally and download of {name} failed ({e}); pass --data-dir DIR or set LOCAUDIT_DATA"
+            ) from None
+        os.replace(tmp, target / name)
+    return target
+
+
+def verify_checksums(data_dir: Path) -> None:
+    """Check every file listed in SHA256SUMS (if the directory has one) against its recorded hash."""
+    sums = Path(data_dir) / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        path = Path(data_dir) / name.strip().lstrip("*")
+        if not path.is_file():
+            raise LocauditError(f"{path} is listed in SHA256SUMS but missing; restore the TruthfulQA data directory")
+        if file_sha256(path) != digest:
+            raise LocauditError(f"checksum mismatch for {path}; the file is corrupt or modified, restore it from the canonical source")
+
+
+def split_answers(cell: str) -> tuple[str, ...]:
+    """`"a; b; c"` -> ("a", "b", "c"), stripping blanks (TruthfulQA's `; ` separator)."""
+    return tuple(a.strip() for a in (cell or "").split(";") if a.strip())
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def load_truthfulqa(data_dir: str | os.PathLike | None = None, verify: bool = True) -> list[Question]:
+    """Parse TruthfulQA.csv (and mc_task.json when present) into Questions, ids = CSV row order."""
+    root = find_data_dir(data_dir)
+    if verify:
+        verify_checksums(root)
+    csv_path = root / "TruthfulQA.csv"
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise LocauditError(f"{csv_path} lacks column(s) {', '.join(missing)}; expected TruthfulQA's header {', '.join(REQUIRED_COLUMNS)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise LocauditError(f"{csv_path} is not a readable CSV ({e}); restore the TruthfulQA file") from None
+    mc = _load_mc(root / "mc_task.json")
+    questions = []
+    for i, r in enumerate(rows):
+        line = i + 2  # header is line 1
+        q = (r.get("Question") or "").strip()
+        if not q:
+            raise LocauditError(f"{csv_path} line {line}: empty Question; fix or remove that row")
+        correct, incorrect = split_answers(r.get("Correct Answers")), split_answers(r.get("Incorrect Answers"))
+        best = (r.get("Best Answer") or "").strip()
+        if not correct or not best:
+            raise LocauditError(f"{csv_path} line {line}: question '{q[:50]}' has no correct answer; every question needs one")
+        if not incorrect:
+            raise LocauditError(f"{csv_path} line {line}: question '{q[:50]}' has no untruthful (incorrect) answer; every question needs one")
+        targets = mc.get(_norm(q), {})
+        questions.append(Question(
+            id=i, question=q, best_answer=best, correct=correct, incorrect=incorrect,
+            category=(r.get("Category") or "").strip(), type=(r.get("Type") or "").strip(),
+            mc1=tuple(targets.get("mc1_targets", {}).items()), mc2=tuple(targets.get("mc2_targets", {}).items()),
+        ))
+    if not questions:
+        raise LocauditError(f"{csv_path} has no questions")
+    return questions
+
+
+def _load_mc(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        items = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LocauditError(f"{path} is not valid JSON (line {e.lineno}); restore mc_task.json") from None
+    return {_norm(it["question"]): it for it in items if isinstance(it, dict) and "question" in it}
+
+
+def split_questions(questions: list[Question], seed: int = 0, train_frac: float = 0.6, val_frac: float = 0.2,
+                    limit: int | None = None) -> Split:
+    """Seeded split by question: `train_frac` train, `val_frac` validation, the rest test.
+
+    `limit` first draws a seeded subset of that many questions (for quick runs); each part must stay non-empty.
+    """
+    if not 0 < train_frac < 1 or not 0 < val_frac < 1 or train_frac + val_frac >= 1:
+        raise LocauditError(f"split fractions train={train_frac}, val={val_frac} must be in (0,1) and leave room for test")
+    qs = list(questions)
+    rng = np.random.default_rng(seed)
+    if limit is not None:
+        if limit <= 0:
+            raise LocauditError(f"--limit-questions must be positive, got {limit}")
+        if limit < len(qs):
+            qs = [qs[i] for i in sorted(rng.choice(len(qs), size=limit, replace=False))]
+    order = rng.permutation(len(qs))
+    n_train = int(round(train_frac * len(qs)))
+    n_val = int(round(val_frac * len(qs)))
+    parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
+    if any(len(p) == 0 for p in parts):
+        raise LocauditError(
+            f"{len(qs)} questions give an empty train, validation or test split; use --limit-questions of at least 5"
+        )
+    train, val, test = (tuple(qs[i] for i in sorted(p)) for p in parts)
+    return Split(train, val, test, seed, {"train_frac": train_frac, "val_frac": val_frac, "limit": limit})

@@ -1,0 +1,270 @@
+"""Interventions on the attention output projections W^l, all behind one protocol.
+
+Every intervention edits layer l's attention output r^{l+1} = r^l + W^l o^l and can
+- `attach(lm)`: a context manager that installs hooks and removes them on exit (generation, MC scoring,
+  KL and training all use a model with an intervention attached and never ask which kind it is);
+- `merge(lm)`: fold the edit into the weights exactly (then `save_pretrained` works);
+- `save(dir)` / `load_intervention(dir)`: `edit.safetensors` + `edit.json`.
+
+Kinds:
+- `ITI` (Li et al. 2023, eq. 5 of Wang & Veitch): o_h^l += alpha * sigma_h^l * u_h^l for heads in S, at every
+  position. `merge` folds W^l (alpha sigma u) into the bias of W^l.
+- `LocalizedRank1` (the paper's reparameterised rank-1 LoRA): r^{l+1} = r^{l+1}_orig + <a^l, o^l> W^l b^l,
+  with b^l zero outside the heads of S in layer l. b^l is stored only on S's slices, so entries outside S are
+  structurally zero. Equivalent to o^l <- o^l + <a^l, o^l> b^l; merged: W^l <- W^l + W^l b^l a^l^T.
+- `FullRank1`: ordinary rank-1 LoRA on every W^l: W^l <- W^l + B^l A^l (B: d_model x 1, A: 1 x H*d).
+Initialisation follows LoRA: the output-side factor (b, B) is zero, so the edit starts as the identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from locaudit.errors import LocauditError
+from locaudit.heads import Head, HeadSet, parse_heads
+from locaudit.models import Arch, LoadedModel
+from locaudit.storage import atomic_write, atomic_write_json, read_json
+
+
+class Intervention(nn.Module):
+    kind = "base"
+
+    def _hooks(self, arch: Arch) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def attach(self, lm: LoadedModel) -> Iterator["Intervention"]:
+        """Install this edit's hooks on `lm` for the duration of the `with` block."""
+        self.to(lm.device)
+        handles = self._hooks(lm.arch)
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def merge(self, lm: LoadedModel) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"kind": self.kind}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def save(self, out: Path, extra: dict | None = None) -> None:
+        out = Path(out)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors().items()}
+        atomic_write(out / "edit.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_json(out / "edit.json", {**(extra or {}), **self.config()})
+
+
+class NoEdit(Intervention):
+    """The unedited model, so callers can treat 'no intervention' like any other."""
+
+    kind = "none"
+
+    def _hooks(self, arch: Arch) -> list:
+        return []
+
+    def merge(self, lm: LoadedModel) -> None:
+        pass
+
+
+class ITI(Intervention):
+    """Inference-time intervention: add alpha * sigma * u to each selected head's slice of o^l."""
+
+    kind = "iti"
+
+    def __init__(self, heads: HeadSet, directions: torch.Tensor, sigmas: torch.Tensor, alpha: float):
+        """directions: (len(heads), d) unit vectors u; sigmas: (len(heads),); in `heads` order."""
+        super().__init__()
+        self.heads = heads
+        self.alpha = float(alpha)
+        self.register_buffer("u", torch.as_tensor(directions, dtype=torch.float32))
+        self.register_buffer("sigma", torch.as_tensor(sigmas, dtype=torch.float32))
+
+    @classmethod
+    def from_probes(cls, heads: HeadSet, probes, alpha: float) -> "ITI":
+        idx_l = [h.layer for h in heads]
+        idx_h = [h.head for h in heads]
+        return cls(heads, torch.as_tensor(probes.directions[idx_l, idx_h]), torch.as_tensor(probes.sigmas[idx_l, idx_h]), alpha)
+
+    def layer_shifts(self, arch: Arch) -> dict[int, torch.Tensor]:
+        """{l: the (H*d,) vector added to o^l}: alpha * sigma_h * u_h in each selected head's slice."""
+        shifts: dict[int, torch.Tensor] = {}
+        for i, h in enumerate(self.heads):
+            v = shifts.setdefault(h.layer, torch.zeros(arch.n_heads * arch.head_dim, device=self.u.device))
+            v[arch.head_slice(h.head)] += self.alpha * self.sigma[i] * self.u[i]
+        return shifts
+
+    def _hooks(self, arch: Arch) -> list:
+        self.heads.validate(arch.n_layers, arch.n_heads)
+        handles = []
+        for l, v in self.layer_shifts(arch).items():
+            def hook(module, args, v=v):
+                return (args[0] + v.to(args[0].dtype),) + tuple(args[1:])
+            handles.append(arch.out_proj(l).register_forward_pre_hook(hook))
+        return handles
+
+    def merge(self, lm: LoadedModel) -> None:
+        """Bake: bias of W^l += W^l (alpha sigma u), which adds the same vector at every position."""
+        arch = lm.arch
+        for l, v in self.layer_shifts(arch).items():
+            W = arch.W(l)
+            arch.add_to_bias(l, W.float() @ v.to(W.device))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "heads": self.heads.names, "alpha": self.alpha, "label": self.heads.label}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"u": self.u, "sigma": self.sigma}
+
+
+def _lora_a_init(n: int, generator: torch.Generator) -> torch.Tensor:
+    """LoRA's input-side initialisation: Kaiming-uniform, bound 1/sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(n)
+    return (torch.rand(n, generator=generator) * 2 - 1) * bound
+
+
+class LocalizedRank1(Intervention):
+    """delta r^{l+1} = <a^l, o^l> W^l b^l with b^l supported on the heads of S (the paper's optimal edit)."""
+
+    kind = "localized"
+
+    def __init__(self, heads: HeadSet, arch: Arch, seed: int = 0):
+        super().__init__()
+        heads.validate(arch.n_layers, arch.n_heads)
+        self.heads = heads
+        self.n_heads, self.head_dim = arch.n_heads, arch.head_dim
+        self.layers = list(heads.by_layer())
+        self.head_idx = {l: hs for l, hs in heads.by_layer().items()}
+        g = torch.Generator().manual_seed(seed)
+        width = arch.n_heads * arch.head_dim
+        self.a = nn.ParameterDict({str(l): nn.Parameter(_lora_a_init(width, g)) for l in self.layers})
+        # b^l lives only on S's slices: shape (heads of S in layer l, d); everything else is not a parameter.
+        self.b_s = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(len(hs), arch.head_dim))
+                                     for l, hs in self.head_idx.items()})
+
+    def b(self, layer: int) -> torch.Tensor:
+        """The full (H*d,) vector b^l: S's slices from the parameter, exact zeros elsewhere."""
+        bs = self.b_s[str(layer)]
+        full = bs.new_zeros(self.n_heads, self.head_dim)
+        full = full.index_copy(0, torch.tensor(self.head_idx[layer], device=bs.device), bs)
+        return full.reshape(-1)
+
+    def _hooks(self, arch: Arch) -> list:
+        handles = []
+        for l in self.layers:
+            def hook(module, args, l=l):
+                o = args[0]
+                a = self.a[str(l)].to(o.dtype)
+                b = self.b(l).to(o.dtype)
+                return (o + (o @ a).unsqueeze(-1) * b,) + tuple(args[1:])
+            handles.append(arch.out_proj(l).register_forward_pre_hook(hook))
+        return handles
+
+    def merge(self, lm: LoadedModel) -> None:
+        """W^l <- W^l + W^l b^l a^l^T, exactly the hooked edit."""
+        arch = lm.arch
+        for l in self.layers:
+            W = arch.W(l).float()
+            a, b = self.a[str(l)].detach().float().to(W.device), self.b(l).detach().float().to(W.device)
+            arch.add_to_W(l, torch.outer(W @ b, a))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "heads": self.heads.names, "label": self.heads.label}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for l in self.layers:
+            out[f"a.{l}"] = self.a[str(l)]
+            out[f"b.{l}"] = self.b(l)
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for l in self.layers:
+                self.a[str(l)].copy_(tensors[f"a.{l}"])
+                b = tensors[f"b.{l}"].view(self.n_heads, self.head_dim)
+                outside = [h for h in range(self.n_heads) if h not in self.head_idx[l]]
+                if outside and b[outside].abs().max() > 0:
+                    raise LocauditError(f"edit file has non-zero b.{l} outside the heads of S; it is corrupt")
+                self.b_s[str(l)].copy_(b[self.head_idx[l]])
+
+
+class FullRank1(Intervention):
+    """Ordinary rank-1 LoRA on every layer's W^l: output += B^l (A^l o^l)  (the full-alignment baseline)."""
+
+    kind = "full"
+
+    def __init__(self, arch: Arch, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        width = arch.n_heads * arch.head_dim
+        self.layers = list(range(arch.n_layers))
+        self.A = nn.ParameterDict({str(l): nn.Parameter(_lora_a_init(width, g).view(1, width)) for l in self.layers})
+        self.B = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(arch.d_model, 1)) for l in self.layers})
+
+    def _hooks(self, arch: Arch) -> list:
+        handles = []
+        for l in self.layers:
+            def hook(module, args, output, l=l):
+                o = args[0]
+                A, B = self.A[str(l)].to(o.dtype), self.B[str(l)].to(o.dtype)
+                return output + (o @ A.t()) @ B.t()
+            handles.append(arch.out_proj(l).register_forward_hook(hook))
+        return handles
+
+    def merge(self, lm: LoadedModel) -> None:
+        for l in self.layers:
+            W = lm.arch.W(l)
+            lm.arch.add_to_W(l, (self.B[str(l)].detach().float() @ self.A[str(l)].detach().float()).to(W.device))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "heads": "all (full rank-1 LoRA)", "label": "full"}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"A.{l}": self.A[str(l)] for l in self.layers}, **{f"B.{l}": self.B[str(l)] for l in self.layers}}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for l in self.layers:
+                self.A[str(l)].copy_(tensors[f"A.{l}"])
+                self.B[str(l)].copy_(tensors[f"B.{l}"])
+
+
+def load_intervention(path: Path, arch: Arch) -> Intervention:
+    """Load an edit saved by `Intervention.save` (a directory with edit.json and edit.safetensors)."""
+    path = Path(path)
+    meta_path, tensor_path = path / "edit.json", path / "edit.safetensors"
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise LocauditError(f"{path} is not an edit directory (needs edit.json and edit.safetensors); run `locaudit fit --out {path}`")
+    meta = read_json(meta_path)
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise LocauditError(f"{tensor_path} is unreadable ({e}); refit the edit") from None
+    kind = meta.get("kind")
+    if kind == "localized":
+        edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch)
+        edit.load_tensors(tensors)
+    elif kind == "full":
+        edit = FullRank1(arch)
+        edit.load_tensors(tensors)
+    elif kind == "iti":
+        heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
+        edit = ITI(heads, tensors["u"], tensors["sigma"], meta["alpha"])
+    elif kind == "none":
+        edit = NoEdit()
+    else:
+        raise LocauditError(f"{meta_path} has unknown edit kind {kind!r}; expected localized, full, iti or none")
+    return edit

