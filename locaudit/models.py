@@ -235,8 +235,11 @@ def _dequantised_cache(gguf: Path) -> Path:
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float32 now: drop the GGUF quantisation record so the model saves as safetensors.
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights are plain float32 now
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "locaudit-cache.json").write_text(

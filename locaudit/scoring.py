@@ -1,8 +1,10 @@
 """Answer log-probabilities: the one forward pass shared by MC scoring, pi0 caching and IPO training.
 
-A scored example is (prompt ids, answer ids). Sequences are right-padded in length-sorted batches, the
-transformer body runs once, and the LM head is applied only at the positions that predict answer tokens:
-prompt positions never pay for the (vocab-sized) output layer.
+A scored example is (shared prefix ids, prompt ids, answer ids). The prefix (BOS, and for the `qa` format the
+instruction and few-shot primer, ~230 tokens) is the same for every example, so it runs once per batch
+(`prefix_kv`) and its keys/values are broadcast to the batch. The rest is right-padded in length-sorted
+batches, and the LM head is applied only at the positions that predict answer tokens: prompt positions
+never pay for the (vocab-sized) output layer.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ class Encoded:
         return len(self.prompt) + len(self.answer)
 
 
+def encode_prefix(tokenizer, fmt: PromptFormat) -> tuple[int, ...]:
+    """Token ids of the format's shared prefix, with the tokenizer's BOS where it adds one (may be empty)."""
+    return tuple(tokenizer(fmt.prefix(), add_special_tokens=fmt.uses_special_tokens)["input_ids"])
+
+
 def encode(tokenizer, fmt: PromptFormat, question: str, answer: str) -> Encoded:
-    """Tokenise prompt and answer separately so the answer's tokens are exactly known (no boundary merges)."""
-    prompt_ids = tokenizer(fmt.prompt(question, tokenizer), add_special_tokens=fmt.uses_special_tokens)["input_ids"]
+    """Tokenise prompt (after the shared prefix) and answer separately, so the answer's tokens are exactly
+    known and the full input is always `encode_prefix(...) + prompt + answer`."""
+    text = fmt.prompt(question, tokenizer)[len(fmt.prefix()):]
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(fmt.answer(answer), add_special_tokens=False)["input_ids"]
     if not answer_ids:
         answer_ids = [tokenizer.eos_token_id]
@@ -41,7 +50,8 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 def collate(examples: Sequence[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input ids and mask, plus flat (row, position, target) indices of every answer token."""
+    """Right-padded input ids and mask, plus flat (row, position, target) indices of every answer token.
+    Every prompt must be non-empty (the first answer token is predicted from the last prompt position)."""
     T = max(len(e) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
@@ -62,9 +72,44 @@ def collate(examples: Sequence[Encoded], pad_id: int, device) -> dict[str, torch
     }
 
 
-def batch_answer_logprobs(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_kv(lm: LoadedModel, prefix: Sequence[int]) -> PrefixKV | None:
+    """Per-layer (key, value) of the shared prefix, batch 1, under whatever edit is attached (so it must be
+    recomputed when the edit changes: every training step, once per evaluation)."""
+    if not prefix:
+        return None
+    ids = torch.tensor([list(prefix)], device=lm.device)
+    cache = lm.model.base_model(input_ids=ids, use_cache=True).past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _expanded_cache(lm: LoadedModel, kv: PrefixKV, batch_size: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    for l, (k, v) in enumerate(kv):
+        cache.update(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:]), l)
+    return cache
+
+
+def body(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, kv: PrefixKV | None = None) -> torch.Tensor:
+    """Last hidden states of right-padded rows that continue the shared prefix `kv` (if any)."""
+    if kv is None:
+        return lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    B, T = input_ids.shape
+    P = kv[0][0].shape[-2]
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+    pos = torch.arange(P, P + T, device=input_ids.device).expand(B, T)
+    return lm.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                               past_key_values=_expanded_cache(lm, kv, B), use_cache=True).last_hidden_state
+
+
+def batch_answer_logprobs(lm: LoadedModel, batch: dict[str, torch.Tensor], kv: PrefixKV | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of answer-token log-probs, answer length) per row; differentiable w.r.t. any attached edit."""
-    hidden = lm.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = body(lm, batch["input_ids"], batch["attention_mask"], kv)
     h = hidden[batch["rows"], batch["pos"]]
     logits = logits_from_hidden(lm.model, h).float()
     token_lp = logits.gather(-1, batch["tgt"][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -79,17 +124,18 @@ def iter_batches(examples: Sequence[Encoded], batch_size: int) -> Iterator[list[
 
 
 @torch.inference_mode()
-def answer_logprobs(lm: LoadedModel, examples: Sequence[Encoded], batch_size: int = 16,
+def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[Encoded], batch_size: int = 16,
                     progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs and answer lengths for every example, in input order (float64 on CPU)."""
     from tqdm.auto import tqdm
 
+    kv = prefix_kv(lm, prefix)
     total = torch.zeros(len(examples), dtype=torch.float64)
     count = torch.zeros(len(examples), dtype=torch.float64)
     pad = lm.tokenizer.pad_token_id
     batches = list(iter_batches(examples, batch_size))
     for idx in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        s, c = batch_answer_logprobs(lm, collate([examples[i] for i in idx], pad, lm.device))
+        s, c = batch_answer_logprobs(lm, collate([examples[i] for i in idx], pad, lm.device), kv)
         total[idx] = s.double().cpu()
         count[idx] = c.double().cpu()
     return total, count

@@ -36,18 +36,18 @@ def tiny_config(family: str, vocab_size: int):
     common = dict(vocab_size=vocab_size, bos_token_id=vocab_size - 3, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1)
     if family == "llama":
         return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **common)
+                           num_key_value_heads=2, max_position_embeddings=4096, **common)
     if family == "qwen2":
         return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **common)
+                           num_key_value_heads=2, max_position_embeddings=4096, **common)
     if family == "gemma2":
         return Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, **common)
+                            num_key_value_heads=2, head_dim=8, max_position_embeddings=4096, **common)
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=512, **common)
+        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=4096, **common)
     if family == "gpt_neox":
         return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                             max_position_embeddings=512, **common)
+                             max_position_embeddings=4096, **common)
     raise ValueError(family)
 
 

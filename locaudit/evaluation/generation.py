@@ -1,0 +1,255 @@
+"""Batched greedy generation of answers to questions, under whatever edit is attached to the model.
+
+Greedy decoding (argmax at every step, as ITI's `top_k=1`) with a KV cache, at most `max_new_tokens` (50, as
+ITI) new tokens, and per-row stopping: a row stops at an EOS / end-of-turn token or once its text holds the end
+of the answer (`qa`/`plain`: a newline or "Q:" after the answer started; `chat`: "\\nQ:"); a batch stops when
+every row has. Rows are batched by prompt length and answers come back in input order.
+
+Batch layout. Each row is `[shared prefix | padding | rest of its prompt | generated tokens]`. The shared
+prefix is the longest token prefix common to every prompt of the call: for the `qa` format the instruction and
+6-shot primer (~230 tokens), for `chat` a template's system preamble, for `plain` just `<bos>Q:`. It is run
+once (batch 1) and its KV cache copied into every row, so each batch only runs the per-question remainder.
+Padding sits between the prefix and the remainder (plain left padding when nothing is shared) and is masked
+out; position ids count real tokens only. Every row therefore attends to exactly the tokens, at exactly the
+positions, it would see if generated alone: the shared-prefix path computes the same function as naive left
+padding, not an approximation (the tests compare both paths with one-by-one generation token for token).
+The prefix cache is recomputed at every call, inside the caller's `with edit.attach(lm):`, so it always
+reflects the attached edit.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from locaudit.data.formats import PromptFormat
+from locaudit.errors import LocauditError
+from locaudit.models import LoadedModel
+from locaudit.scoring import length_batches
+from locaudit.storage import atomic_write_text
+
+MAX_NEW_TOKENS = 50  # ITI: max_length = len(prompt) + 50
+# End-of-turn markers of common chat templates; whichever exist in a tokenizer's vocabulary stop generation.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|end_of_text|>")
+ANSWER_FIELDS = ("qid", "question", "edit", "answer")
+
+
+def _format(fmt: PromptFormat | str) -> PromptFormat:
+    return fmt if isinstance(fmt, PromptFormat) else PromptFormat(fmt)
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """Token ids that end a row: the tokenizer's and generation config's EOS, and known end-of-turn tokens."""
+    tok = lm.tokenizer
+    ids: set[int] = set()
+    if getattr(tok, "eos_token_id", None) is not None:
+        ids.add(int(tok.eos_token_id))
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if eos is not None:
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return ids
+
+
+def answer_finished(text: str, fmt: PromptFormat | str = "qa") -> bool:
+    """Whether generated text already contains the end of the answer, so its row can stop.
+
+    `qa`/`plain`: a newline or "Q:" after leading whitespace (a leading newline does not end an answer that
+    has not started). `chat`: "\\nQ:" (a chat answer may span lines; it normally ends with an end-of-turn token).
+    """
+    if _format(fmt).name == "chat":
+        return "\nQ:" in text
+    t = text.lstrip()
+    return "\n" in t or "Q:" in t
+
+
+def clean_answer(text: str, fmt: PromptFormat | str = "qa") -> str:
+    """Post-process generated text into one answer line (ITI: cut at "Q:", strip).
+
+    `qa`/`plain`: drop leading whitespace, cut at the first newline and at the first "Q:", strip.
+    `chat`: cut at the first "\\nQ:" and collapse all whitespace to single spaces, so the answer stays one line
+    (judges read `Q: ...\\nA: ...`).
+    """
+    if _format(fmt).name == "chat":
+        return " ".join(text.split("\nQ:", 1)[0].split())
+    t = text.lstrip()
+    t = t.split("\n", 1)[0]
+    return t.split("Q:", 1)[0].strip()
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences."""
+    if not seqs:
+        return 0
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+def _expand_cache(cache, batch: int):
+    """An independent copy of a batch-1 KV cache, repeated `batch` times along the batch dimension."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(batch)
+    return out
+
+
+def _cache_kw(model) -> str:
+    """Name of the KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _forward(lm: LoadedModel, ids, attn, pos, cache):
+    """One cached forward pass; returns (last-position logits, updated cache)."""
+    out = lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **{_cache_kw(lm.model): cache})
+    return out.logits[:, -1], (out["cache"] if "cache" in out.keys() else out.past_key_values)
+
+
+def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: int, prefix_cache,
+                    max_new_tokens: int, stop_ids: set[int], finished: Callable[[list[int]], bool] | None) -> list[list[int]]:
+    """Greedy continuation of `[prefix | padding | rest]` rows; returns each row's new tokens (stop token excluded)."""
+    device = lm.device
+    B, S = len(rests), max(len(r) for r in rests)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.full((B, S), pad, dtype=torch.long)
+    mask = torch.zeros((B, S), dtype=torch.long)
+    for i, r in enumerate(rests):
+        ids[i, S - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, S - len(r):] = 1
+    # real tokens get positions n_prefix, n_prefix+1, ...; padding gets a harmless in-range position (it is masked)
+    pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=0)
+    attn = torch.cat([torch.ones((B, n_prefix), dtype=torch.long), mask], dim=1).to(device)
+    cache = _expand_cache(prefix_cache, B) if n_prefix else None
+    logits, cache = _forward(lm, ids.to(device), attn, pos.to(device), cache)
+    next_pos = pos[:, -1:].to(device) + 1
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1).tolist()
+        for i in range(B):
+            if done[i]:
+                continue
+            if nxt[i] in stop_ids:
+                done[i] = True
+                continue
+            generated[i].append(nxt[i])
+            if finished is not None and finished(generated[i]):
+                done[i] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        feed = torch.tensor([[pad if d else t] for d, t in zip(done, nxt)], dtype=torch.long, device=device)
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        logits, cache = _forward(lm, feed, attn, next_pos, cache)
+        next_pos = next_pos + 1
+    return generated
+
+
+@torch.inference_mode()
+def greedy_generate(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int = MAX_NEW_TOKENS,
+                    batch_size: int = 16, finished: Callable[[list[int]], bool] | None = None,
+                    stop_ids: Iterable[int] | None = None, share_prefix: bool = True,
+                    progress: str | None = None) -> list[list[int]]:
+    """Greedy new tokens for each tokenised prompt, in input order (see the module docstring for the layout).
+
+    `finished(tokens) -> bool` is asked after every new token of a row; `stop_ids` (default: EOS and end-of-turn
+    tokens) end a row without being returned. `share_prefix=False` runs every prompt in full (plain left padding).
+    """
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1:
+        raise LocauditError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise LocauditError(f"batch size must be at least 1, got {batch_size}")
+    prompts = [tuple(p) for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise LocauditError("cannot generate from an empty prompt")
+    if not prompts:
+        return []
+    stops = set(stop_token_ids(lm) if stop_ids is None else stop_ids)
+    # every row keeps at least one token of its own, so its last prompt position is computed in the batch pass
+    n_prefix = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
+    prefix_cache = None
+    if n_prefix:
+        prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=lm.device)
+        _, prefix_cache = _forward(lm, prefix, torch.ones_like(prefix), torch.arange(n_prefix, device=lm.device)[None],
+                                   None)
+    results: list[list[int] | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False) as bar:
+        for idx in length_batches([len(p) for p in prompts], batch_size):
+            rests = [prompts[i][n_prefix:] for i in idx]
+            for i, g in zip(idx, _generate_batch(lm, rests, n_prefix, prefix_cache, max_new_tokens, stops, finished)):
+                results[i] = g
+            bar.update(len(idx))
+    return results  # type: ignore[return-value]
+
+
+def encode_prompts(lm: LoadedModel, questions: Sequence[str], fmt: PromptFormat | str = "qa") -> list[list[int]]:
+    """Token ids of each question's prompt, tokenised exactly as `scoring.encode` tokenises prompts."""
+    fmt = _format(fmt)
+    tok = lm.tokenizer
+    return [tok(fmt.prompt(q, tok), add_special_tokens=fmt.uses_special_tokens)["input_ids"] for q in questions]
+
+
+def generate_answers(lm: LoadedModel, questions: Sequence[str], fmt: PromptFormat | str = "qa",
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, share_prefix: bool = True,
+                     progress: str | None = "generate") -> list[str]:
+    """Greedy answer to each question under the attached edit (if any), post-processed by `clean_answer`,
+    in input order. Use inside `with edit.attach(lm):` to generate from an edited model."""
+    fmt = _format(fmt)
+    tok = lm.tokenizer
+
+    def finished(tokens: list[int]) -> bool:
+        return answer_finished(tok.decode(tokens, skip_special_tokens=True), fmt)
+
+    new = greedy_generate(lm, encode_prompts(lm, questions, fmt), max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, finished=finished, share_prefix=share_prefix, progress=progress)
+    return [clean_answer(tok.decode(g, skip_special_tokens=True), fmt) for g in new]
+
+
+def save_answers(path: Path, rows: Iterable[dict]) -> Path:
+    """Write one JSON object per line (at least qid, question, edit, answer; extra fields kept), atomically."""
+    lines = []
+    for n, row in enumerate(rows):
+        missing = [f for f in ANSWER_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"answer row {n} lacks field(s) {', '.join(missing)}")
+        lines.append(json.dumps(row, ensure_ascii=False, default=_plain))
+    return atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+
+
+def _plain(o):
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_answers(path: Path) -> list[dict]:
+    """Read an answers.jsonl written by `save_answers`; a missing or corrupt file raises LocauditError."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocauditError(f"{path} does not exist; run the evaluation that writes it first")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LocauditError(f"{path} line {n} is not valid JSON ({e.msg}); delete the file and rerun") from None
+        if not isinstance(row, dict) or any(f not in row for f in ANSWER_FIELDS):
+            raise LocauditError(f"{path} line {n} lacks the fields {', '.join(ANSWER_FIELDS)}; delete the file and rerun")
+        rows.append(row)
+    return rows

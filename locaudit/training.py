@@ -1,0 +1,295 @@
+"""Fitting an intervention's parameters by preference alignment (IPO, or DPO) against the unedited model.
+
+For a pair (x, y+, y-), with pi the edited model and pi0 the unedited one,
+    h = log[pi(y+|x) / pi0(y+|x)] - log[pi(y-|x) / pi0(y-|x)]
+    IPO (Azar et al. 2024):  loss = (h - 1/(2 tau))^2
+    DPO (Rafailov et al. 2023): loss = -log sigmoid(tau * h)
+log pi(y|x) is the mean of the answer tokens' log-probs by default (as TRL's `loss_type="ipo"`), or their
+sum (`average_logprobs=False`). Only answer tokens are scored. pi0's log-probs are computed once per
+dataset and cached on disk (they never change), so each step runs only the edited model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from locaudit.data.examples import PreferencePair
+from locaudit.data.formats import PromptFormat
+from locaudit.errors import LocauditError
+from locaudit.interventions import Intervention, NoEdit
+from locaudit.models import LoadedModel
+from locaudit.scoring import Encoded, answer_logprobs, batch_answer_logprobs, collate, encode, encode_prefix, prefix_kv
+from locaudit.storage import atomic_write, cache_dir, stable_hash
+
+OBJECTIVES = ("ipo", "dpo")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Hyper-parameters of one fit. `lr=None` picks the learning rate from the size of the head set."""
+
+    objective: str = "ipo"
+    tau: float = 0.1
+    epochs: int = 2
+    batch_size: int = 4
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    average_logprobs: bool = True
+    max_train_pairs: int | None = None
+    max_val_pairs: int | None = None
+    evals_per_epoch: int = 1
+    fmt: str = "qa"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise LocauditError(f"unknown objective '{self.objective}'; use ipo or dpo")
+        if not self.tau > 0:
+            raise LocauditError(f"tau must be > 0, got {self.tau}")
+        for name in ("epochs", "batch_size", "evals_per_epoch"):
+            if getattr(self, name) <= 0:
+                raise LocauditError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise LocauditError(f"learning rate must be > 0, got {self.lr}")
+        for name in ("max_train_pairs", "max_val_pairs"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise LocauditError(f"{name} must be positive, got {v}")
+
+
+# Learning rate by number of edited heads, anchored at the paper's Alpaca-7B choices (1 head: 2e-3,
+# 16 heads: 5e-4, all heads: 1e-4) and interpolated log-linearly in the number of heads in between.
+LR_ANCHORS = ((1, 2e-3), (16, 5e-4))
+LR_ALL = 1e-4
+
+
+def default_lr(n_heads: int | None) -> float:
+    """Paper's learning-rate rule; `None` means all heads / full LoRA."""
+    if n_heads is None:
+        return LR_ALL
+    (n0, lr0), (n1, lr1) = LR_ANCHORS
+    n = min(max(n_heads, n0), n1)
+    t = math.log(n / n0) / math.log(n1 / n0)
+    return float(math.exp(math.log(lr0) + t * (math.log(lr1) - math.log(lr0))))
+
+
+def preference_loss(h: torch.Tensor, objective: str, tau: float) -> torch.Tensor:
+    """Per-pair loss from the log-ratio margin h (see module docstring)."""
+    if objective == "ipo":
+        return (h - 1.0 / (2.0 * tau)) ** 2
+    return -torch.nn.functional.logsigmoid(tau * h)
+
+
+def margin(lp_c, n_c, lp_r, n_r, ref_c, ref_r, average: bool) -> torch.Tensor:
+    """h from summed log-probs lp_* (edited), ref_* (pi0) and answer lengths n_*."""
+    if average:
+        return (lp_c - ref_c) / n_c - (lp_r - ref_r) / n_r
+    return (lp_c - ref_c) - (lp_r - ref_r)
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    prefix: tuple[int, ...]
+    chosen: list[Encoded]
+    rejected: list[Encoded]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def key(self) -> str:
+        return stable_hash([list(self.prefix)] + [[list(e.prompt), list(e.answer)] for e in self.chosen + self.rejected])
+
+
+def encode_pairs(lm: LoadedModel, pairs: Sequence[PreferencePair], fmt: PromptFormat) -> EncodedPairs:
+    chosen, rejected = [], []
+    for p in pairs:
+        chosen.append(encode(lm.tokenizer, fmt, p.question, p.chosen))
+        rejected.append(encode(lm.tokenizer, fmt, p.question, p.rejected))
+    return EncodedPairs(encode_prefix(lm.tokenizer, fmt), chosen, rejected)
+
+
+def reference_logprobs(lm: LoadedModel, enc: EncodedPairs, batch_size: int = 16,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """pi0's summed answer log-probs and lengths for chosen and rejected answers; cached on disk by
+    (model, dtype, token ids) and validated on read, so each dataset is scored by pi0 exactly once."""
+    dtype = str(next(lm.model.parameters()).dtype)
+    path = cache_dir() / "pi0" / f"{stable_hash({'model': lm.name, 'dtype': dtype, 'pairs': enc.key})}.pt"
+    if path.is_file():
+        try:
+            ref = torch.load(path, weights_only=True)
+            if all(ref[k].shape == (len(enc),) for k in ("lp_c", "n_c", "lp_r", "n_r")):
+                return ref
+        except Exception:  # corrupt cache entry: recompute
+            pass
+    with NoEdit().attach(lm):
+        lp, n = answer_logprobs(lm, enc.prefix, enc.chosen + enc.rejected, batch_size,
+                                progress="pi0 log-probs" if progress else None)
+    k = len(enc)
+    ref = {"lp_c": lp[:k], "n_c": n[:k], "lp_r": lp[k:], "n_r": n[k:]}
+    atomic_write(path, lambda tmp: torch.save(ref, tmp))
+    return ref
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator, window: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length within windows of `window` batches and chunk: random order, little padding."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    span = batch_size * window
+    for s in range(0, len(order), span):
+        chunk = sorted(order[s:s + span], key=lambda i: lengths[i])
+        batches += [list(chunk[i:i + batch_size]) for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _pair_forward(lm: LoadedModel, enc: EncodedPairs, ref: dict, idx: Sequence[int], cfg: FitConfig, kv=None):
+    """Edited-model log-probs for chosen and rejected answers of pairs `idx` in one forward; returns (loss, h).
+    `kv` is the shared prefix's cache under the current edit (computed here when not given)."""
+    if kv is None:
+        kv = prefix_kv(lm, enc.prefix)
+    batch = collate([enc.chosen[i] for i in idx] + [enc.rejected[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
+    lp, n = batch_answer_logprobs(lm, batch, kv)
+    k = len(idx)
+    t = torch.as_tensor(list(idx))
+    dev = lp.device
+    h = margin(lp[:k], n[:k], lp[k:], n[k:], ref["lp_c"][t].to(dev, lp.dtype), ref["lp_r"][t].to(dev, lp.dtype), cfg.average_logprobs)
+    return preference_loss(h, cfg.objective, cfg.tau), h
+
+
+@torch.inference_mode()
+def evaluate_pairs(lm: LoadedModel, edit: Intervention, enc: EncodedPairs, ref: dict, cfg: FitConfig,
+                   batch_size: int = 16) -> dict[str, float]:
+    """Mean preference loss and preference accuracy under `edit`: the fraction of pairs with h > 0, ties
+    (|h| below float noise, as for the unedited model where h = 0) counting one half."""
+    losses, hs = [], []
+    with edit.attach(lm):
+        kv = prefix_kv(lm, enc.prefix)
+        for s in range(0, len(enc), batch_size):
+            idx = list(range(s, min(s + batch_size, len(enc))))
+            loss, h = _pair_forward(lm, enc, ref, idx, cfg, kv)
+            losses.append(loss.double().cpu())
+            hs.append(h.double().cpu())
+    loss, h = torch.cat(losses), torch.cat(hs)
+    return {"loss": float(loss.mean()), "pref_acc": preference_accuracy(h), "margin": float(h.mean())}
+
+
+TIE_TOL = 1e-4
+
+
+def preference_accuracy(h: torch.Tensor) -> float:
+    """Fraction of pairs preferring the truthful answer (h > 0); |h| <= TIE_TOL counts as a tie (one half)."""
+    h = h.double()
+    return float(((h > TIE_TOL).double() + 0.5 * (h.abs() <= TIE_TOL).double()).mean())
+
+
+@dataclass
+class FitResult:
+    edit: Intervention
+    history: list[dict]
+    best: dict  # the validation row of the kept checkpoint
+    config: FitConfig
+    seconds: float
+    n_train_pairs: int
+    n_val_pairs: int
+
+
+def _subsample(pairs: Sequence[PreferencePair], k: int | None, seed: int) -> list[PreferencePair]:
+    pairs = list(pairs)
+    if k is None or k >= len(pairs):
+        return pairs
+    idx = np.random.default_rng(seed).choice(len(pairs), size=k, replace=False)
+    return [pairs[i] for i in sorted(idx)]
+
+
+def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePair],
+        val_pairs: Sequence[PreferencePair], cfg: FitConfig, n_heads: int | None = None,
+        progress: bool = True) -> FitResult:
+    """Train `edit`'s parameters (all base weights stay frozen) with IPO/DPO; keep the best checkpoint by
+    validation loss (the starting point counts as a checkpoint)."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    fmt = PromptFormat(cfg.fmt)
+    train_pairs = _subsample(train_pairs, cfg.max_train_pairs, cfg.seed)
+    val_pairs = _subsample(val_pairs, cfg.max_val_pairs, cfg.seed + 1)
+    if not train_pairs or not val_pairs:
+        raise LocauditError("no training or validation preference pairs; raise --limit-questions")
+    enc_train, enc_val = encode_pairs(lm, train_pairs, fmt), encode_pairs(lm, val_pairs, fmt)
+    ref_train = reference_logprobs(lm, enc_train, progress=progress)
+    ref_val = reference_logprobs(lm, enc_val, progress=progress)
+
+    params = [p for p in edit.parameters() if p.requires_grad]
+    if not params:
+        raise LocauditError(f"edit kind '{edit.kind}' has no trainable parameters")
+    lr = cfg.lr if cfg.lr is not None else default_lr(n_heads)
+    edit.to(lm.device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    lengths = [max(len(c), len(r)) for c, r in zip(enc_train.chosen, enc_train.rejected)]
+    steps_per_epoch = math.ceil(len(enc_train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history: list[dict] = []
+    start = evaluate_pairs(lm, edit, enc_val, ref_val, cfg)
+    history.append({"step": 0, "epoch": 0.0, "val_loss": start["loss"], "val_pref_acc": start["pref_acc"]})
+    best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
+    eval_points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
+                   for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
+    step = 0
+    bar = tqdm(total=total, desc=f"fit {edit.kind}", disable=not progress, leave=False)
+    edit.train()
+    for epoch in range(cfg.epochs):
+        for idx in bucketed_batches(lengths, cfg.batch_size, rng):
+            with edit.attach(lm):
+                loss, h = _pair_forward(lm, enc_train, ref_train, idx, cfg)
+                loss = loss.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            history.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": float(loss.detach()),
+                            "lr": sched.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if step in eval_points:
+                edit.eval()
+                v = evaluate_pairs(lm, edit, enc_val, ref_val, cfg)
+                edit.train()
+                history.append({"step": step, "epoch": step / steps_per_epoch, "val_loss": v["loss"], "val_pref_acc": v["pref_acc"]})
+                if v["loss"] < best_row["val_loss"]:
+                    best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
+    bar.close()
+    edit.load_state_dict(best_state)
+    edit.eval()
+    return FitResult(edit, history, best_row, replace(cfg, lr=lr), time.time() - t0, len(enc_train), len(enc_val))
+
+
+def fit_summary(result: FitResult) -> dict:
+    """JSON-ready record of a fit, for edit.json."""
+    evals = [h for h in result.history if "val_loss" in h]
+    return {
+        "config": asdict(result.config),
+        "best": result.best,
+        "val_start": evals[0],
+        "val_curve": evals,
+        "train_loss_last": next((h["train_loss"] for h in reversed(result.history) if "train_loss" in h), None),
+        "seconds": result.seconds,
+        "n_train_pairs": result.n_train_pairs,
+        "n_val_pairs": result.n_val_pairs,
+    }
