@@ -98,6 +98,47 @@ def cmd_fit(args) -> None:
     print(f"wrote {args.out}/edit.safetensors, edit.json, training_curve.png")
 
 
+def cmd_eval(args) -> None:
+    from locaudit.experiments import run_eval
+
+    m = run_eval(*_configs(args), args.out, edit_dir=args.edit, iti=args.iti, heads=args.heads, top_k=args.top_k,
+                 probes=args.probes, alpha=args.alpha, fmt=args.format, split=args.split, judge=args.judge,
+                 text_docs=args.text_docs, text_source=args.text, max_new_tokens=args.max_new_tokens)
+    keys = ("truth", "info", "truth_info", "mc1", "mc2", "ce", "kl", "n_questions")
+    print("  ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
+    print(f"wrote {args.out}/metrics.json, answers.jsonl")
+
+
+def cmd_judge(args) -> None:
+    from locaudit.evaluation.judges import judge_report
+
+    rep = judge_report(args.judge, data_dir=args.data_dir)
+    print(json.dumps(rep, indent=2, default=str))
+
+
+def cmd_run(args) -> None:
+    from datetime import datetime
+
+    from locaudit.experiments import run_study
+    from locaudit.study import load_preset, with_overrides
+
+    preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
+                            data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed)
+    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    results = run_study(preset, out)
+    for key in ("iti", "ipo"):
+        if key in results["stats"]:
+            print(results["stats"][key]["verdict"])
+    print(f"report: {out}/report.html")
+
+
+def cmd_report(args) -> None:
+    from locaudit.report import write_report
+
+    write_report(args.run_dir)
+    print(f"rebuilt {args.run_dir}/results.csv, results.json, figures/, report.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locaudit", description="Does editing provide evidence for localization? Audit a head-level localization claim.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +179,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
     p.add_argument("--sum-logprobs", action="store_true", help="sum answer-token log-probs instead of averaging")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="generate, judge, MC1/MC2, CE and KL for no edit, ITI, or a fitted edit")
+    _common(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--edit", type=Path, help="an edit directory written by `locaudit fit`")
+    g.add_argument("--iti", action="store_true", help="ITI steering (with --heads or --top-k, and --alpha)")
+    g.add_argument("--none", action="store_true", help="the unedited model")
+    p.add_argument("--heads", default=None)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--probes", type=Path, default=None)
+    p.add_argument("--alpha", type=_float, default=15.0)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
+    p.add_argument("--judge", default="default", help="default, hf:TRUTH_DIR,INFO_DIR or openai:BASE_URL#TRUTH_MODEL,INFO_MODEL")
+    p.add_argument("--text", default="wiki", help="general text for CE/KL: the built-in corpus or a text file")
+    p.add_argument("--text-docs", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=50)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("judge", help="train (once) and report the truth and info judges' held-out accuracy")
+    p.add_argument("action", choices=["report"])
+    p.add_argument("--judge", default="default")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("run", help="the whole study, resumable, with statistics and an HTML report")
+    p.add_argument("--preset", default="quick", help="smoke, quick, paper, or a .toml file")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<timestamp>)")
+    for flag in ("--model", "--device", "--dtype", "--data-dir"):
+        p.add_argument(flag, default=None)
+    p.add_argument("--limit-questions", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild results and report.html from a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

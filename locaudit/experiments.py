@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -88,8 +88,12 @@ def run_steer(mcfg: ModelConfig, dcfg: DataConfig, heads: HeadSet | None, alpha:
     heads.validate(lm.arch.n_layers, lm.arch.n_heads)
     qs = questions or [q.question for q in split.test[:3]]
     iti = ITI.from_probes(heads, probes, alpha)
-    base = generate_answers(lm, NoEdit(), qs, fmt=fmt, max_new_tokens=max_new_tokens, progress=progress)
-    steered = generate_answers(lm, iti, qs, fmt=fmt, max_new_tokens=max_new_tokens, progress=progress)
+    answers = {}
+    for name, edit in (("unsteered", NoEdit()), ("steered", iti)):
+        with edit.attach(lm):
+            answers[name] = generate_answers(lm, qs, fmt=fmt, max_new_tokens=max_new_tokens,
+                                             progress=name if progress else None)
+    base, steered = answers["unsteered"], answers["steered"]
     return [{"question": q, "unsteered": b, "steered": s, "heads": heads.names, "alpha": alpha}
             for q, b, s in zip(qs, base, steered)]
 
@@ -130,3 +134,178 @@ def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = 
     result.edit.save(out, extra=summary)
     training_curve(result.history, out / "training_curve.png", title=f"{label} {cfg.objective.upper()} tau={cfg.tau}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole study
+
+
+def _software() -> dict:
+    import platform
+
+    import numpy
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_study(preset, out: Path, progress: bool = True) -> dict:
+    """The paper's protocol as one resumable job (see `study.plan_arms`): probe, ITI and optimal edits at
+    the probe heads and at random heads, full alignment, single heads, the unedited baseline; each arm's
+    hyper-parameter chosen on validation questions and reported on test questions; then statistics and the
+    report. Every finished trial is a file under `out/trials`; rerunning skips it."""
+    from tqdm.auto import tqdm
+
+    from locaudit.data.examples import preference_pairs
+    from locaudit.evaluation.judges import load_judges
+    from locaudit.evaluation.lm_metrics import text_metrics_for
+    from locaudit.evaluation.metrics import evaluate
+    from locaudit.interventions import ITI, NoEdit, load_intervention
+    from locaudit.report import write_report
+    from locaudit.storage import read_json
+    from locaudit.study import edit_dir, grid, plan_arms, trial_path
+    from locaudit.training import fit, fit_summary
+
+    out = prepare_out_dir(out)
+    t_start = time.time()
+    stage_seconds: dict[str, float] = {}
+    config_record = {"preset": preset.as_dict(), "software": _software()}
+    prev = out / "config.json"
+    if prev.is_file():
+        old = read_json(prev)
+        if old.get("preset") != json.loads(json.dumps(preset.as_dict())):
+            raise LocauditError(f"{out} holds a run with different settings; use a new --out or the same options")
+    atomic_write_json(prev, config_record)
+
+    t0 = time.time()
+    lm = load(preset.model)
+    split = preset.data.load_split()
+    val_q = split.val[: preset.study.max_val_questions] if preset.study.max_val_questions else split.val
+    test_q = split.test[: preset.study.max_test_questions] if preset.study.max_test_questions else split.test
+    stage_seconds["load"] = time.time() - t0
+
+    t0 = time.time()
+    probe_dir = out / "probes"
+    if (probe_dir / "probes.npz").is_file():
+        probes = ProbeResult.load(probe_dir)
+    else:
+        probes = run_probe(preset.model, preset.data, probe_dir, probe_format=preset.study.probe_format,
+                           batch_size=preset.eval.batch_size, top_k=preset.study.top_k, lm=lm, progress=progress)
+    stage_seconds["probe"] = time.time() - t0
+
+    t0 = time.time()
+    judges = load_judges(preset.eval.judge, data_dir=preset.data.data_dir, progress=progress)
+    stage_seconds["judges"] = time.time() - t0
+    t0 = time.time()
+    text = text_metrics_for(lm, preset.eval.text_source, n_docs=preset.eval.text_docs,
+                            max_tokens=preset.eval.text_tokens, batch_size=preset.eval.batch_size) \
+        if preset.eval.text_docs > 0 else None
+    stage_seconds["text_reference"] = time.time() - t0
+
+    arms = plan_arms(preset.study, probes.ranking, lm.arch.n_layers, lm.arch.n_heads, preset.data.seed)
+    train_pairs, val_pairs = preference_pairs(split.train), preference_pairs(split.val)
+    work = sum((len(grid(a, preset.study)) if len(grid(a, preset.study)) > 1 else 0) + 1 for a in arms)
+    bar = tqdm(total=work, desc="study trials", disable=not progress)
+    stage_seconds.update({"iti": 0.0, "ipo_train": 0.0, "ipo_eval": 0.0, "baseline": 0.0})
+
+    def get_edit(arm, value):
+        if arm.method == "none":
+            return NoEdit()
+        if arm.method == "iti":
+            return ITI.from_probes(arm.heads, probes, value)
+        d = edit_dir(out, arm, value)
+        if (d / "edit.json").is_file():
+            return load_intervention(d, lm.arch)
+        t = time.time()
+        cfg = replace(preset.fit, tau=value)
+        edit = make_edit(lm, arm.heads, seed=preset.data.seed)
+        n_heads = None if arm.heads is None else len(arm.heads)
+        result = fit(lm, edit, train_pairs, val_pairs, cfg, n_heads=n_heads, progress=progress)
+        summary = {"model": lm.name, "edit_label": arm.name, "split_hash": split.hash, **fit_summary(result)}
+        result.edit.save(d, extra=summary)
+        stage_seconds["ipo_train"] += time.time() - t
+        return result.edit
+
+    def run_trial(arm, value, split_name):
+        path = trial_path(out, arm, value, split_name)
+        if path.is_file():
+            try:
+                bar.update(1)
+                return read_json(path)
+            except LocauditError:
+                pass  # unreadable: redo the trial
+        edit = get_edit(arm, value)
+        t = time.time()
+        qs = val_q if split_name == "val" else test_q
+        m = evaluate(lm, edit, qs, preset.eval.fmt, judges=judges, mc=preset.eval.mc,
+                     text_metrics=text if split_name == "test" else None, batch_size=preset.eval.batch_size,
+                     max_new_tokens=preset.eval.max_new_tokens, edit_name=arm.name, progress=False)
+        fit_seconds = 0.0
+        if arm.method in ("ipo", "full"):
+            meta = read_json(edit_dir(out, arm, value) / "edit.json")
+            fit_seconds = meta.get("seconds", 0.0)
+            m["fit"] = {k: meta.get(k) for k in ("best", "val_start", "n_train_pairs", "n_val_pairs", "seconds")}
+        m.update({"arm": arm.name, "group": arm.group, "method": arm.method,
+                  "heads": "all" if arm.heads is None and arm.method == "full" else ("" if arm.heads is None else arm.heads.spec()),
+                  "alpha": value if arm.method == "iti" else None,
+                  "tau": value if arm.method in ("ipo", "full") else None,
+                  "split": split_name, "eval_seconds": time.time() - t, "fit_seconds": fit_seconds})
+        key = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}[arm.method]
+        stage_seconds[key] += time.time() - t
+        atomic_write_json(path, m)
+        bar.update(1)
+        return m
+
+    selections = {}
+    for arm in arms:
+        values = grid(arm, preset.study)
+        if len(values) > 1:
+            val_rows = [run_trial(arm, v, "val") for v in values]
+            best = max(range(len(values)), key=lambda i: (val_rows[i]["truth_info"], -i))
+            chosen = values[best]
+        else:
+            chosen = values[0]
+        selections[arm.name] = chosen
+        run_trial(arm, chosen, "test")
+    bar.close()
+    stage_seconds["total"] = time.time() - t_start
+    atomic_write_json(out / "run.json", {"selections": selections, "stage_seconds": stage_seconds,
+                                         "split_hash": split.hash, "n_val_questions": len(val_q),
+                                         "n_test_questions": len(test_q), "model": lm.name,
+                                         "arch": {"n_layers": lm.arch.n_layers, "n_heads": lm.arch.n_heads,
+                                                  "head_dim": lm.arch.head_dim, "family": lm.arch.family.name}})
+    return write_report(out)
+
+
+def run_eval(mcfg: ModelConfig, dcfg: DataConfig, out: Path, edit_dir: Path | None = None, iti: bool = False,
+             heads: str | None = None, top_k: int | None = None, probes: Path | None = None, alpha: float = 15.0,
+             fmt: str = "qa", split: str = "test", judge: str = "default", text_docs: int = 100,
+             text_source: str = "wiki", max_new_tokens: int = 50, lm: LoadedModel | None = None,
+             progress: bool = True) -> dict:
+    """Evaluate no edit, ITI, or a saved edit on a split; write metrics.json and answers.jsonl under `out`."""
+    from locaudit.evaluation.judges import load_judges
+    from locaudit.evaluation.lm_metrics import text_metrics_for
+    from locaudit.evaluation.metrics import evaluate
+    from locaudit.interventions import ITI, NoEdit, load_intervention
+
+    out = prepare_out_dir(out)
+    lm = lm or load(mcfg)
+    sp = dcfg.load_split()
+    if edit_dir is not None:
+        edit = load_intervention(edit_dir, lm.arch)
+    elif iti:
+        probe_result = ProbeResult.load(probes) if probes is not None else probe_heads(lm, sp, seed=dcfg.seed, progress=progress)
+        hs = resolve_heads(lm, heads=heads, top_k=None if heads else (top_k or 16), probe_result=probe_result)
+        edit = ITI.from_probes(hs, probe_result, alpha)
+    else:
+        edit = NoEdit()
+    judges = load_judges(judge, data_dir=dcfg.data_dir, progress=progress)
+    text = text_metrics_for(lm, text_source, n_docs=text_docs) if text_docs > 0 else None
+    m = evaluate(lm, edit, sp.part(split), fmt, judges=judges, text_metrics=text, out_dir=out,
+                 max_new_tokens=max_new_tokens, progress=progress)
+    record = {k: v for k, v in m.items() if k != "per_question"}
+    record.update({"model": lm.name, "split": split, "split_hash": sp.hash, "edit_config": edit.config()})
+    atomic_write_json(out / "metrics.json", record)
+    return record

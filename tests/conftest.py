@@ -3,7 +3,6 @@ byte-level tokenizer (no downloads), and the real TruthfulQA questions from ../s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -76,8 +75,10 @@ def tiny_llama():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+def _isolated_cache(request, tmp_path, monkeypatch):
+    """Unit tests get an empty cache; integration tests share the user's cache (dequantised model, judges)."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
 
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa"
@@ -91,6 +92,8 @@ def questions():
 
 
 @pytest.fixture(scope="session")
-def real_cache_dir():
-    """Model cache shared across integration tests (and runs): the user's real cache."""
-    return os.environ.get("LOCAUDIT_CACHE")
+def smol():
+    """The real embedded SmolLM2-135M (dequantised once into the user cache)."""
+    from locaudit.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")

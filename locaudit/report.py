@@ -1,0 +1,205 @@
+"""Results table, statistics, figures and a self-contained HTML report, all rebuilt from a run directory's
+saved trials (`locaudit report DIR`), never from memory."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from locaudit import figures, stats
+from locaudit.errors import LocauditError
+from locaudit.storage import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+COLUMNS = ["arm", "heads", "method", "alpha", "tau", "split", "truth", "info", "truth_info", "mc1", "mc2", "ce", "kl",
+           "n_questions", "seconds", "selected"]
+
+
+def load_trials(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((Path(run_dir) / "trials").glob("*/*.json")):
+        rows.append(read_json(path))
+    return rows
+
+
+def _per_q(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    pq = row["per_question"]
+    return np.asarray(pq["truth_p"], float), np.asarray(pq["info_p"], float)
+
+
+def _fmt(v, nd=3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if not np.isfinite(v) else f"{v:.{nd}f}"
+    return str(v)
+
+
+def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0) -> dict:
+    """Null tests (ITI, IPO), intervals, fraction of full alignment, single-head counts, verdicts."""
+    by_group = lambda method, group: [r for r in tests.values() if r["method"] == method and r["group"] == group]  # noqa: E731
+    out: dict = {"arms": {}}
+    for name, r in tests.items():
+        t, i = _per_q(r)
+        lo, hi = stats.truth_info_ci(t, i, n_boot=n_boot, seed=seed)
+        out["arms"][name] = {"truth_info": r["truth_info"], "ci": [lo, hi], "n_questions": r["n_questions"],
+                             "group": r["group"], "method": r["method"]}
+    full = tests.get("full")
+    for method, label in (("iti", "ITI"), ("ipo", "Optimal edit (IPO)")):
+        top = by_group(method, "top")
+        rand = by_group(method, "random")
+        if not top:
+            continue
+        test = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in rand])
+        res = {"top_arm": top[0]["arm"], "test": test.as_dict(), "verdict": stats.verdict(label, test),
+               "random_scores": [r["truth_info"] for r in rand]}
+        if full is not None and method == "ipo":
+            ratios = {}
+            for r in top + rand:
+                p, lo, hi = stats.paired_ratio_ci(_per_q(r), _per_q(full), n_boot=n_boot, seed=seed)
+                ratios[r["arm"]] = {"ratio": p, "ci": [lo, hi]}
+            res["fraction_of_full"] = ratios
+        out[method] = res
+    singles = by_group("ipo", "single-random")
+    if full is not None:
+        lo_full = out["arms"]["full"]["ci"][0]
+        out["single"] = {
+            "n": len(singles), "full_ci_low": lo_full,
+            "n_reaching_full": int(sum(r["truth_info"] >= lo_full for r in singles)),
+            "scores": {r["arm"]: r["truth_info"] for r in singles},
+        }
+        best = by_group("ipo", "single-best")
+        if best:
+            out["single"]["best_probe_head"] = {"arm": best[0]["arm"], "truth_info": best[0]["truth_info"]}
+    return out
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def write_report(run_dir: Path) -> dict:
+    """Rebuild results.csv, results.json, figures/ and report.html from `run_dir`; returns results.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise LocauditError(f"{run_dir} is not a locaudit run directory (no config.json); give the --out of `locaudit run`")
+    config = read_json(run_dir / "config.json")
+    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    selections = run.get("selections", {})
+    trials = load_trials(run_dir)
+    if not trials:
+        raise LocauditError(f"{run_dir} has no finished trials yet; run `locaudit run --out {run_dir}`")
+    tests = {r["arm"]: r for r in trials if r["split"] == "test"}
+    n_boot = config["preset"]["study"].get("n_boot", 2000)
+
+    rows = []
+    for r in trials:
+        hp = r["alpha"] if r["method"] == "iti" else r["tau"]
+        rows.append({**{k: r.get(k) for k in COLUMNS if k not in ("seconds", "selected")},
+                     "seconds": round(r.get("eval_seconds", 0) + r.get("fit_seconds", 0), 2),
+                     "selected": int(r["split"] == "test" and selections.get(r["arm"], hp) == hp)})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+    atomic_write_text(run_dir / "results.csv", buf.getvalue())
+
+    st = compute_stats(tests, n_boot)
+    judge = next((r.get("judge") for r in trials if r.get("judge")), None)
+    results = {"config": config, "run": run, "stats": st, "judge": judge,
+               "rows": [{k: v for k, v in r.items() if k != "per_question"} for r in trials]}
+    atomic_write_json(run_dir / "results.json", results)
+
+    figs = _figures(run_dir, tests, trials, st)
+    atomic_write_text(run_dir / "report.html", _html(config, run, st, judge, tests, figs))
+    return results
+
+
+def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict) -> dict[str, Path]:
+    fdir = run_dir / "figures"
+    out = {}
+    full = tests.get("full", {}).get("truth_info")
+    for method, title in (("iti", "ITI"), ("ipo", "Optimal edit (IPO)")):
+        if method in st:
+            marks = {"S* (probe heads)": tests[st[method]["top_arm"]]["truth_info"]}
+            if full is not None:
+                marks["full alignment"] = full
+            if "baseline" in tests:
+                marks["unedited"] = tests["baseline"]["truth_info"]
+            out[f"hist_{method}"] = figures.null_histogram(st[method]["random_scores"], fdir / f"hist_{method}.png", marks,
+                                                           "True*Info (test)", f"{title}: random head sets vs S*")
+    if "single" in st:
+        marks = {"full alignment": full}
+        if "best_probe_head" in st["single"]:
+            marks["best probe head"] = st["single"]["best_probe_head"]["truth_info"]
+        if "ipo" in st:
+            marks["S* (IPO)"] = tests[st["ipo"]["top_arm"]]["truth_info"]
+        out["hist_single"] = figures.null_histogram(list(st["single"]["scores"].values()), fdir / "hist_single.png", marks,
+                                                    "True*Info (test)", "Optimal edit at single random heads")
+    pts = [{"truth": r["truth"], "info": r["info"], "mc1": r["mc1"], "kl": r["kl"],
+            "method": f"{r['method']}:{r['group']}"} for r in tests.values()]
+    out["truth_info"] = figures.scatter(pts, "info", "truth", fdir / "truth_vs_info.png", "Truth vs informativeness (test)")
+    if any(p["kl"] is not None for p in pts):
+        out["kl_mc1"] = figures.scatter(pts, "kl", "mc1", fdir / "kl_vs_mc1.png", "KL from unedited vs MC1 (test)")
+    probe_npz = run_dir / "probes" / "probes.npz"
+    if probe_npz.is_file():
+        acc = np.load(probe_npz)["val_acc"]
+        top = next((r["heads"] for r in tests.values() if r["method"] == "iti" and r["group"] == "top"), "")
+        marked = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in top.split(",") if h]
+        out["probe_heatmap"] = figures.probe_heatmap(acc, fdir / "probe_heatmap.png", marked)
+    return out
+
+
+def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, figs: dict) -> str:
+    e = html.escape
+    preset = config["preset"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>locaudit report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}"
+             "th{background:#eee}.v{background:#f4f4ff;padding:.6em;border-left:4px solid #66f}</style></head><body>",
+             f"<h1>locaudit: does editing provide evidence for localization?</h1>",
+             f"<p>Model <b>{e(str(run.get('model', preset['model']['model'])))}</b>, preset <b>{e(preset['name'])}</b>, "
+             f"{run.get('n_test_questions', '?')} test / {run.get('n_val_questions', '?')} validation questions "
+             f"(split {e(str(run.get('split_hash', '')))}, seed {preset['data']['seed']}).</p>", "<h2>Verdict</h2>"]
+    for key in ("iti", "ipo"):
+        if key in st:
+            parts.append(f"<p class='v'>{e(st[key]['verdict'])}</p>")
+    if "single" in st:
+        s = st["single"]
+        parts.append(f"<p class='v'>Single heads: {s['n_reaching_full']} of {s['n']} random single heads reach the "
+                     f"full-alignment score's 95% interval (lower bound {s['full_ci_low']:.3f}).</p>")
+    if "ipo" in st and "fraction_of_full" in st["ipo"]:
+        f = st["ipo"]["fraction_of_full"].get(st["ipo"]["top_arm"])
+        if f:
+            parts.append(f"<p class='v'>The optimal edit at S* reaches {f['ratio']:.2f} of full alignment's True*Info "
+                         f"(95% CI {f['ci'][0]:.2f} to {f['ci'][1]:.2f}).</p>")
+    parts.append("<h2>Test results (hyper-parameter chosen on validation)</h2><table><tr>" + "".join(
+        f"<th>{c}</th>" for c in ("arm", "method", "alpha", "tau", "truth", "info", "True*Info", "95% CI", "MC1", "MC2", "CE", "KL", "n")) + "</tr>")
+    for name, r in tests.items():
+        ci = st["arms"][name]["ci"]
+        parts.append("<tr>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in (
+            name, r["method"], r["alpha"], r["tau"], r["truth"], r["info"], r["truth_info"]))
+            + f"<td>{_fmt(ci[0])} to {_fmt(ci[1])}</td>"
+            + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in ("mc1", "mc2", "ce", "kl", "n_questions")) + "</tr>")
+    parts.append("</table>")
+    parts.append("<h2>Figures</h2>" + "".join(f"<div>{_img(p)}</div>" for p in figs.values()))
+    if judge:
+        parts.append("<h2>Judges</h2><table><tr><th>judge</th><th>version</th><th>held-out answers acc</th>"
+                     "<th>held-out questions acc</th></tr>")
+        for k in ("truth", "info"):
+            j = judge.get(k, {})
+            parts.append(f"<tr><td>{k}</td><td>{e(str(j.get('version')))}</td><td>{_fmt(j.get('heldout_answer_acc'))}</td>"
+                         f"<td>{_fmt(j.get('heldout_question_acc'))}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Statistics</h2><pre>" + e(json.dumps({k: v for k, v in st.items() if k != "arms"}, indent=1, default=str)) + "</pre>")
+    parts.append("<h2>Settings, timings, software</h2><pre>" + e(json.dumps(
+        {"preset": preset, "stage_seconds": run.get("stage_seconds"), "software": config.get("software")}, indent=1)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,162 @@
+"""The study's plan as data: presets (TOML files), arms and trials.
+
+A *trial* is one arm at one hyper-parameter on one split: (arm, method, heads, alpha|tau, split). Its
+result is a JSON file whose path is derived from the trial alone, so resume, reports and statistics all
+read the store and nothing recomputes what is stored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from locaudit.config import DataConfig, ModelConfig
+from locaudit.errors import LocauditError
+from locaudit.heads import Head, HeadSet, random_heads, single_head
+from locaudit.training import FitConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    top_k: int = 16
+    n_random_sets: int = 16
+    n_single: int = 24
+    alphas: tuple[float, ...] = (5.0, 10.0, 15.0, 20.0, 25.0)
+    taus: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    max_val_questions: int | None = None
+    max_test_questions: int | None = None
+    probe_format: str = "iti_end_q"
+    n_boot: int = 2000
+
+    def __post_init__(self):
+        for name in ("top_k", "n_boot"):
+            if getattr(self, name) <= 0:
+                raise LocauditError(f"study.{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_random_sets", "n_single"):
+            if getattr(self, name) < 0:
+                raise LocauditError(f"study.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.alphas or not self.taus:
+            raise LocauditError("study.alphas and study.taus need at least one value each")
+        for t in self.taus:
+            if not t > 0:
+                raise LocauditError(f"every tau must be > 0, got {t}")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    fmt: str = "qa"
+    max_new_tokens: int = 50
+    batch_size: int = 16
+    judge: str = "default"
+    mc: bool = True
+    text_source: str = "wiki"
+    text_docs: int = 100
+    text_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    study: StudySettings = field(default_factory=StudySettings)
+    fit: FitConfig = field(default_factory=FitConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _build(cls, table: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise LocauditError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise LocauditError(f"{where}: {e}") from None
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by name (`smoke`, `quick`, `paper`) or a path to a TOML file with the same tables."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        raise LocauditError(f"unknown preset '{name_or_path}'; use one of {known} or a .toml file")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LocauditError(f"{path} is not valid TOML ({e})") from None
+    unknown = sorted(set(table) - {"model", "data", "study", "fit", "eval"})
+    if unknown:
+        raise LocauditError(f"{path}: unknown table(s) {', '.join(unknown)}; use model, data, study, fit, eval")
+    return Preset(
+        name=path.stem,
+        model=_build(ModelConfig, table.get("model", {}), f"{path} [model]"),
+        data=_build(DataConfig, table.get("data", {}), f"{path} [data]"),
+        study=_build(StudySettings, table.get("study", {}), f"{path} [study]"),
+        fit=_build(FitConfig, table.get("fit", {}), f"{path} [fit]"),
+        eval=_build(EvalSettings, table.get("eval", {}), f"{path} [eval]"),
+    )
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One edited (or unedited) configuration whose best hyper-parameter is chosen on validation."""
+
+    name: str  # e.g. iti-top16, ipo-random16-s3, full, ipo-single-L4H2, baseline
+    method: str  # none | iti | ipo | full
+    group: str  # baseline | top | random | full | single-random | single-best
+    heads: HeadSet | None
+
+    @property
+    def grid_name(self) -> str | None:
+        return {"iti": "alpha", "ipo": "tau", "full": "tau"}.get(self.method)
+
+
+def plan_arms(study: StudySettings, ranking: list[Head], n_layers: int, n_heads: int, seed: int) -> list[Arm]:
+    """Every arm of the paper's protocol, in run order. Random sets are `random_heads(K, seed + i)`; single
+    heads are the distinct heads of `random_heads(n_single, seed + 10_000)` plus the best probe head."""
+    top = HeadSet(tuple(ranking[: study.top_k]), f"top{study.top_k}")
+    randoms = [random_heads(study.top_k, seed + i, n_layers, n_heads) for i in range(study.n_random_sets)]
+    arms = [Arm("baseline", "none", "baseline", None), Arm(f"iti-{top.label}", "iti", "top", top)]
+    arms += [Arm(f"iti-{r.label}", "iti", "random", r) for r in randoms]
+    arms += [Arm(f"ipo-{top.label}", "ipo", "top", top)]
+    arms += [Arm(f"ipo-{r.label}", "ipo", "random", r) for r in randoms]
+    arms += [Arm("full", "full", "full", None)]
+    best = single_head(ranking[0])
+    arms += [Arm(f"ipo-{best.label}", "ipo", "single-best", best)]
+    if study.n_single:
+        for h in random_heads(study.n_single, seed + 10_000, n_layers, n_heads):
+            if h != ranking[0]:
+                arms.append(Arm(f"ipo-{single_head(h).label}", "ipo", "single-random", single_head(h)))
+    return arms
+
+
+def grid(arm: Arm, study: StudySettings) -> tuple[float | None, ...]:
+    return {"alpha": study.alphas, "tau": study.taus}.get(arm.grid_name, (None,))
+
+
+def trial_path(run_dir: Path, arm: Arm, value: float | None, split: str) -> Path:
+    hp = "none" if value is None else f"{arm.grid_name}{value:g}"
+    return Path(run_dir) / "trials" / arm.name / f"{hp}.{split}.json"
+
+
+def edit_dir(run_dir: Path, arm: Arm, tau: float) -> Path:
+    return Path(run_dir) / "edits" / arm.name / f"tau{tau:g}"
+
+
+def with_overrides(preset: Preset, **kw) -> Preset:
+    """Command-line overrides: model/device/dtype/data_dir/limit_questions/seed (None = keep)."""
+    model = replace(preset.model, **{k: v for k, v in kw.items() if k in ("model", "device", "dtype") and v is not None})
+    data = replace(preset.data, **{k: v for k, v in kw.items() if k in ("data_dir", "limit_questions", "seed") and v is not None})
+    return replace(preset, model=model, data=data)
