@@ -151,15 +151,15 @@ def _software() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_study(preset, out: Path, progress: bool = True) -> dict:
+def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None = None, judges=None) -> dict:
     """The paper's protocol as one resumable job (see `study.plan_arms`): probe, ITI and optimal edits at
     the probe heads and at random heads, full alignment, single heads, the unedited baseline; each arm's
     hyper-parameter chosen on validation questions and reported on test questions; then statistics and the
-    report. Every finished trial is a file under `out/trials`; rerunning skips it."""
+    report. Every finished trial is a file under `out/trials`; rerunning skips it. `lm` and `judges` may be
+    passed in (already loaded) instead of being loaded from the preset."""
     from tqdm.auto import tqdm
 
     from locaudit.data.examples import preference_pairs
-    from locaudit.evaluation.judges import load_judges
     from locaudit.evaluation.lm_metrics import text_metrics_for
     from locaudit.evaluation.metrics import evaluate
     from locaudit.interventions import ITI, NoEdit, load_intervention
@@ -180,7 +180,7 @@ def run_study(preset, out: Path, progress: bool = True) -> dict:
     atomic_write_json(prev, config_record)
 
     t0 = time.time()
-    lm = load(preset.model)
+    lm = lm or load(preset.model)
     split = preset.data.load_split()
     val_q = split.val[: preset.study.max_val_questions] if preset.study.max_val_questions else split.val
     test_q = split.test[: preset.study.max_test_questions] if preset.study.max_test_questions else split.test
@@ -196,7 +196,10 @@ def run_study(preset, out: Path, progress: bool = True) -> dict:
     stage_seconds["probe"] = time.time() - t0
 
     t0 = time.time()
-    judges = load_judges(preset.eval.judge, data_dir=preset.data.data_dir, progress=progress)
+    if judges is None:
+        from locaudit.evaluation.judges import load_judges
+
+        judges = load_judges(preset.eval.judge, data_dir=preset.data.data_dir, progress=progress)
     stage_seconds["judges"] = time.time() - t0
     t0 = time.time()
     text = text_metrics_for(lm, preset.eval.text_source, n_docs=preset.eval.text_docs,

@@ -11,7 +11,9 @@ it asks `Arch` for L, H, d, the module `out_proj(l)` and the weight `W(l)` as a 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -295,6 +297,16 @@ def wrap_model(model: nn.Module, tokenizer, name: str) -> LoadedModel:
     if getattr(tokenizer, "pad_token", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch_for(model), name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kw_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument of a model's forward: `cache` in recent transformers, `past_key_values` before."""
+    return _cache_kw_of(type(model))
 
 
 def base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

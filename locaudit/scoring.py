@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from locaudit.data.formats import PromptFormat
-from locaudit.models import LoadedModel, logits_from_hidden
+from locaudit.models import LoadedModel, cache_kwarg, logits_from_hidden
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,9 @@ def body(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     P = kv[0][0].shape[-2]
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
     pos = torch.arange(P, P + T, device=input_ids.device).expand(B, T)
-    return lm.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                               past_key_values=_expanded_cache(lm, kv, B), use_cache=True).last_hidden_state
+    body_model = lm.model.base_model
+    return body_model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **{cache_kwarg(body_model): _expanded_cache(lm, kv, B)}).last_hidden_state
 
 
 def batch_answer_logprobs(lm: LoadedModel, batch: dict[str, torch.Tensor], kv: PrefixKV | None = None

@@ -75,6 +75,18 @@ def tiny_llama():
 
 
 @pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (and stay fast on a busy machine); integration tests use all."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path, monkeypatch):
     """Unit tests get an empty cache; integration tests share the user's cache (dequantised model, judges)."""
     if request.node.get_closest_marker("integration") is None:

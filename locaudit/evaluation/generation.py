@@ -3,7 +3,9 @@
 Greedy decoding (argmax at every step, as ITI's `top_k=1`) with a KV cache, at most `max_new_tokens` (50, as
 ITI) new tokens, and per-row stopping: a row stops at an EOS / end-of-turn token or once its text holds the end
 of the answer (`qa`/`plain`: a newline or "Q:" after the answer started; `chat`: "\\nQ:"); a batch stops when
-every row has. Rows are batched by prompt length and answers come back in input order.
+every row has. Rows are batched by prompt length and answers come back in input order. Prompts are tokenised
+exactly as MC scoring tokenises them (`scoring.encode_prefix` + `scoring.encode`), so generation and MC see the
+same prompt tokens.
 
 Batch layout. Each row is `[shared prefix | padding | rest of its prompt | generated tokens]`. The shared
 prefix is the longest token prefix common to every prompt of the call: for the `qa` format the instruction and
@@ -20,7 +22,6 @@ reflects the attached edit.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -29,8 +30,8 @@ import torch
 
 from locaudit.data.formats import PromptFormat
 from locaudit.errors import LocauditError
-from locaudit.models import LoadedModel
-from locaudit.scoring import length_batches
+from locaudit.models import LoadedModel, cache_kwarg
+from locaudit.scoring import encode, encode_prefix, length_batches
 from locaudit.storage import atomic_write_text
 
 MAX_NEW_TOKENS = 50  # ITI: max_length = len(prompt) + 50
@@ -106,15 +107,12 @@ def _expand_cache(cache, batch: int):
     return out
 
 
-def _cache_kw(model) -> str:
-    """Name of the KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _forward(lm: LoadedModel, ids, attn, pos, cache):
     """One cached forward pass; returns (last-position logits, updated cache)."""
     out = lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                   **{_cache_kw(lm.model): cache})
+                   **{cache_kwarg(lm.model): cache})
     return out.logits[:, -1], (out["cache"] if "cache" in out.keys() else out.past_key_values)
 
 
@@ -197,10 +195,11 @@ def greedy_generate(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_t
 
 
 def encode_prompts(lm: LoadedModel, questions: Sequence[str], fmt: PromptFormat | str = "qa") -> list[list[int]]:
-    """Token ids of each question's prompt, tokenised exactly as `scoring.encode` tokenises prompts."""
+    """Token ids of each question's prompt, exactly as MC scoring feeds them: `scoring.encode_prefix` followed
+    by `scoring.encode`'s prompt ids (the format's shared prefix is tokenised on its own)."""
     fmt = _format(fmt)
-    tok = lm.tokenizer
-    return [tok(fmt.prompt(q, tok), add_special_tokens=fmt.uses_special_tokens)["input_ids"] for q in questions]
+    prefix = list(encode_prefix(lm.tokenizer, fmt))
+    return [prefix + list(encode(lm.tokenizer, fmt, q, "").prompt) for q in questions]
 
 
 def generate_answers(lm: LoadedModel, questions: Sequence[str], fmt: PromptFormat | str = "qa",

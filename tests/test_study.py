@@ -1,0 +1,115 @@
+"""The study runner on a tiny random model with a deterministic stand-in judge: every arm runs, trials are
+stored and reused on rerun, results are reproducible, statistics and the report are built from the store."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from locaudit.study import load_preset
+from tests.conftest import make_tiny
+
+
+class HashJudge:
+    """Deterministic stand-in: P(yes) from a hash of (question, answer), so different answers score differently."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def score(self, questions, answers):
+        return np.array([int(hashlib.sha256(f"{self.name}|{q}|{a}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+                         for q, a in zip(questions, answers)])
+
+    def info(self):
+        return {"version": f"hash-{self.name}", "heldout_answer_acc": None, "heldout_question_acc": None}
+
+
+def tiny_preset():
+    p = load_preset("smoke")
+    study = replace(p.study, top_k=3, n_random_sets=2, n_single=2, alphas=(5.0, 15.0), taus=(0.1,),
+                    max_val_questions=3, max_test_questions=4)
+    return replace(p, study=study, fit=replace(p.fit, max_train_pairs=4, max_val_pairs=4),
+                   eval=replace(p.eval, max_new_tokens=6, text_docs=2, text_tokens=24))
+
+
+def run(tmp, name):
+    from locaudit.experiments import run_study
+
+    lm = make_tiny("llama")
+    return run_study(tiny_preset(), tmp / name, progress=False, lm=lm, judges=(HashJudge("truth"), HashJudge("info")))
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    run(tmp, "a")
+    return tmp
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_arm_and_output(study_dir):
+    out = study_dir / "a"
+    rows = read_csv(out / "results.csv")
+    arms = {r["arm"] for r in rows}
+    assert {"baseline", "iti-top3", "ipo-top3", "full", "iti-random3-s0", "iti-random3-s1",
+            "ipo-random3-s0", "ipo-random3-s1"} <= arms
+    assert any(a.startswith("ipo-single-") for a in arms)
+    # ITI has two alphas: both evaluated on val, exactly one selected and evaluated on test
+    iti_top = [r for r in rows if r["arm"] == "iti-top3"]
+    assert sorted(r["alpha"] for r in iti_top if r["split"] == "val") == ["15.0", "5.0"]
+    test_rows = [r for r in iti_top if r["split"] == "test"]
+    assert len(test_rows) == 1 and test_rows[0]["selected"] == "1"
+    val_ti = {r["alpha"]: float(r["truth_info"]) for r in iti_top if r["split"] == "val"}
+    assert test_rows[0]["alpha"] == max(val_ti, key=val_ti.get)  # chosen on validation, not test
+    for r in rows:
+        if r["split"] == "test":
+            ti = float(r["truth_info"])
+            assert abs(ti - float(r["truth"]) * float(r["info"])) < 1e-9
+            assert r["kl"] != "" and float(r["kl"]) >= 0
+    assert float(next(r for r in rows if r["arm"] == "baseline" and r["split"] == "test")["kl"]) == 0.0
+    for f in ("results.json", "report.html", "figures/hist_iti.png", "figures/hist_ipo.png", "figures/truth_vs_info.png",
+              "figures/probe_heatmap.png", "figures/hist_single.png", "figures/kl_vs_mc1.png"):
+        assert (out / f).is_file(), f
+    html = (out / "report.html").read_text()
+    assert "Verdict" in html and "data:image/png;base64" in html
+
+
+def test_rerun_reuses_trials(study_dir, monkeypatch):
+    from locaudit import training
+    from locaudit.evaluation import metrics
+
+    before = {p: p.read_bytes() for p in (study_dir / "a" / "trials").glob("*/*.json")}
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("refit a finished trial"))
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished trial"))
+    run(study_dir, "a")
+    after = {p: p.read_bytes() for p in (study_dir / "a" / "trials").glob("*/*.json")}
+    assert before == after
+
+
+def test_same_seed_same_results(study_dir):
+    run(study_dir, "b")
+    assert _without_seconds(study_dir / "a" / "results.csv") == _without_seconds(study_dir / "b" / "results.csv")
+
+
+def _without_seconds(path):
+    rows = read_csv(path)
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_report_rebuild(study_dir):
+    from locaudit.report import write_report
+
+    (study_dir / "a" / "report.html").unlink()
+    res = write_report(study_dir / "a")
+    assert (study_dir / "a" / "report.html").is_file()
+    st = res["stats"]
+    assert st["iti"]["test"]["n_random"] == 2 and 0 <= st["iti"]["test"]["percentile"] <= 100
+    assert "fraction_of_full" in st["ipo"]
