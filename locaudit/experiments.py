@@ -15,7 +15,7 @@ import torch
 
 from locaudit.config import DataConfig, ModelConfig
 from locaudit.errors import LocauditError
-from locaudit.heads import HeadSet, all_heads, parse_heads, random_heads, single_head
+from locaudit.heads import HeadSet, all_heads, parse_heads, random_heads
 from locaudit.models import LoadedModel, load_model
 from locaudit.probes import ProbeResult, probe_heads
 from locaudit.storage import atomic_write_json, prepare_out_dir
@@ -242,7 +242,8 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
         edit = get_edit(arm, value)
         t = time.time()
         qs = val_q if split_name == "val" else test_q
-        m = evaluate(lm, edit, qs, preset.eval.fmt, judges=judges, mc=preset.eval.mc,
+        # validation trials only select the hyper-parameter (by True*Info): MC and CE/KL are test-only
+        m = evaluate(lm, edit, qs, preset.eval.fmt, judges=judges, mc=preset.eval.mc and split_name == "test",
                      text_metrics=text if split_name == "test" else None, batch_size=preset.eval.batch_size,
                      max_new_tokens=preset.eval.max_new_tokens, edit_name=arm.name, progress=False)
         fit_seconds = 0.0

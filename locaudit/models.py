@@ -141,8 +141,10 @@ def arch_for(model: nn.Module) -> Arch:
     if layers is None:
         raise LocauditError(f"cannot find the decoder blocks of this '{model_type}' model (tried {family.layers})")
     tc = _text_config(config)
-    n_heads = getattr(tc, "num_attention_heads", None) or getattr(tc, "n_head")
-    d_model = getattr(tc, "hidden_size", None) or getattr(tc, "n_embd")
+    n_heads = getattr(tc, "num_attention_heads", None) or getattr(tc, "n_head", None)
+    d_model = getattr(tc, "hidden_size", None) or getattr(tc, "n_embd", None)
+    if not n_heads or not d_model:
+        raise LocauditError(f"'{model_type}' config has no number of attention heads or hidden size; this checkpoint is not supported")
     head_dim = getattr(tc, "head_dim", None) or d_model // n_heads
     out_projs = tuple(_get(block, family.out_proj) for block in layers)
     in_features = out_projs[0].weight.shape[0 if family.conv1d else 1]
@@ -177,7 +179,14 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LocauditError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LocauditError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LocauditError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -186,7 +195,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise LocauditError(f"unknown dtype '{dtype}'; use one of {', '.join(sorted(_DTYPES))} or auto")
+        raise LocauditError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or auto")
     return _DTYPES[dtype]
 
 
@@ -213,42 +222,91 @@ def _check_gguf(path: Path) -> None:
             raise LocauditError(f"{path} is not a GGUF file (bad magic bytes); give a valid .gguf or a model directory")
 
 
+_MARKER = "locaudit-cache.json"
+
+
+def _cache_complete(target: Path, digest: str) -> bool:
+    """Whether a dequantised-model directory is finished and intact: its marker (written last) names the
+    source hash and cache format, and every file the marker lists still has its recorded size (a truncated
+    or missing weight file fails this check; older markers without sizes are checked by loading)."""
+    try:
+        meta = json.loads((target / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # missing, unreadable or not JSON
+        return False
+    if not isinstance(meta, dict) or meta.get("sha256") != digest or meta.get("format") != _CACHE_FORMAT:
+        return False
+    sizes = meta.get("files", {})
+    if not isinstance(sizes, dict):
+        return False
+    for name, size in sizes.items():
+        try:
+            if (target / str(name)).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Delete half-built cache directories (`<name>.tmp<pid>`) left by killed processes."""
+    for old in target.parent.glob(target.name + ".tmp*"):
+        try:
+            pid = int(old.name.rsplit(".tmp", 1)[1])
+            os.kill(pid, 0)  # still running: leave its build alone
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+
+
 def _dequantised_cache(gguf: Path) -> Path:
     """Dequantise a GGUF checkpoint once to float32 safetensors under the cache; return the directory.
 
-    The directory is complete only if it holds `locaudit-cache.json` with the source file's hash; anything
-    else (a crash mid-save, a corrupt file) is detected and rebuilt.
+    The model is built in a temporary directory and renamed into place with its marker written last; the
+    directory counts as complete only if `_cache_complete` says so, and anything else (a crash mid-save, a
+    truncated weight file, a corrupt marker) is detected and rebuilt.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     digest = file_sha256(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
-    marker = target / "locaudit-cache.json"
-    if marker.is_file():
-        try:
-            meta = json.loads(marker.read_text())
-            if meta.get("sha256") == digest and meta.get("format") == _CACHE_FORMAT:
-                return target
-        except json.JSONDecodeError:
-            pass
+    if _cache_complete(target, digest):
+        return target
     shutil.rmtree(target, ignore_errors=True)
+    _remove_stale_builds(target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are plain float32 now: drop the GGUF quantisation record so the model saves as safetensors.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "locaudit-cache.json").write_text(
-        json.dumps({"sha256": digest, "source": str(gguf), "format": _CACHE_FORMAT, "seconds": time.time() - t0})
-    )
-    os.replace(tmp, target)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, EOFError) as e:
+            raise LocauditError(f"cannot read {gguf} as a GGUF model ({_first_line(e)}); give an intact, supported "
+                                f".gguf file or a model directory") from None
+        # The weights are plain float32 now: drop the GGUF quantisation record so the model saves as safetensors.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / _MARKER).write_text(json.dumps({"sha256": digest, "source": str(gguf), "format": _CACHE_FORMAT,
+                                               "seconds": time.time() - t0, "files": files}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same build first
+            if not _cache_complete(target, digest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C or an error mid-build leaves nothing behind
     return target
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:160]
 
 
 def _from_pretrained(path: str, device: torch.device, dtype: torch.dtype, **kw):
@@ -271,14 +329,20 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
             model, tok = _from_pretrained(str(cached), dev, dt)
         except Exception:  # a cache that passed the marker check but fails to load: rebuild once
             shutil.rmtree(cached, ignore_errors=True)
-            model, tok = _from_pretrained(str(_dequantised_cache(gguf)), dev, dt)
+            try:
+                model, tok = _from_pretrained(str(_dequantised_cache(gguf)), dev, dt)
+            except LocauditError:
+                raise
+            except Exception as e:
+                raise LocauditError(f"the dequantised copy of {gguf} in {cached.parent} fails to load even after a "
+                                    f"rebuild ({_first_line(e)}); delete that directory and check free disk space") from None
     else:
         try:
             model, tok = _from_pretrained(spec, dev, dt)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError, ImportError, ... for bad models
             where = "local directory" if os.path.isdir(spec) else "model id"
             raise LocauditError(
-                f"cannot load {where} '{spec}' ({str(e).splitlines()[0][:160]}); give a local model directory, a "
+                f"cannot load {where} {spec!r} ({_first_line(e)}); give a local model directory, a "
                 f".gguf file, '{DEFAULT_MODEL}', or a Hugging Face id already in the local cache (no network here)"
             ) from None
     model.eval()
@@ -307,12 +371,6 @@ def _cache_kw_of(model_class: type) -> str:
 def cache_kwarg(model: nn.Module) -> str:
     """Name of the KV-cache argument of a model's forward: `cache` in recent transformers, `past_key_values` before."""
     return _cache_kw_of(type(model))
-
-
-def base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body (returns last hidden states) and the LM head, so logits can be computed only where
-    needed (answer tokens), never on prompt positions."""
-    return model.base_model, model.get_output_embeddings()
 
 
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ untruthful mean, unit norm) and sigma (std of the training activations projected
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,11 +60,6 @@ class ProbeResult:
             raise LocauditError(f"{path} not found; run `locaudit probe --out {out}` first")
         z = np.load(path, allow_pickle=False)
         return cls(z["val_acc"], z["train_acc"], z["directions"], z["sigmas"], int(z["n"][0]), int(z["n"][1]))
-
-
-def read_probes_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def train_probes(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

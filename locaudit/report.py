@@ -14,7 +14,7 @@ import numpy as np
 
 from locaudit import figures, stats
 from locaudit.errors import LocauditError
-from locaudit.storage import atomic_write, atomic_write_json, atomic_write_text, read_json
+from locaudit.storage import atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = ["arm", "heads", "method", "alpha", "tau", "split", "truth", "info", "truth_info", "mc1", "mc2", "ce", "kl",
            "n_questions", "seconds", "selected"]
@@ -160,11 +160,11 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict) -> dict[s
 def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, figs: dict) -> str:
     e = html.escape
     preset = config["preset"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>locaudit report</title>",
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>locaudit report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}"
              "th{background:#eee}.v{background:#f4f4ff;padding:.6em;border-left:4px solid #66f}</style></head><body>",
-             f"<h1>locaudit: does editing provide evidence for localization?</h1>",
+             "<h1>locaudit: does editing provide evidence for localization?</h1>",
              f"<p>Model <b>{e(str(run.get('model', preset['model']['model'])))}</b>, preset <b>{e(preset['name'])}</b>, "
              f"{run.get('n_test_questions', '?')} test / {run.get('n_val_questions', '?')} validation questions "
              f"(split {e(str(run.get('split_hash', '')))}, seed {preset['data']['seed']}).</p>", "<h2>Verdict</h2>"]

@@ -40,15 +40,6 @@ def truth_info_ci(truth: Sequence[float], info: Sequence[float], n_boot: int = 2
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
 
 
-def mean_ci(x: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    x = np.asarray(x, float)
-    if len(x) < 2:
-        return (float("nan"), float("nan"))
-    vals = x[_boot_indices(len(x), n_boot, seed)].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
-
-
 def paired_ratio_ci(num: tuple[np.ndarray, np.ndarray], den: tuple[np.ndarray, np.ndarray], n_boot: int = 2000,
                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """True*Info(num) / True*Info(den) and its paired bootstrap interval over the same questions."""

@@ -10,7 +10,7 @@ import torch
 
 from locaudit.data.examples import PreferencePair
 from locaudit.heads import parse_heads
-from locaudit.interventions import FullRank1, LocalizedRank1, NoEdit, load_intervention
+from locaudit.interventions import FullRank1, LocalizedRank1, load_intervention
 from locaudit.training import FitConfig, fit, margin, preference_loss
 from tests.conftest import make_tiny
 

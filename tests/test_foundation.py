@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from locaudit.errors import LocauditError
-from locaudit.heads import Head, HeadSet, parse_heads, random_heads, all_heads
+from locaudit.heads import Head, parse_heads, random_heads, all_heads
 from locaudit.interventions import ITI
-from tests.conftest import make_tiny
 
 
 def logits(lm, text="Q: hello there\nA: yes"):

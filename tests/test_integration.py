@@ -33,3 +33,20 @@ def test_probes_end_to_end_best_head_beats_chance(smol, tmp_path):
     acc = clf.score(x[n:], y[n:])
     majority = max(y[n:].mean(), 1 - y[n:].mean())
     assert acc > majority and acc > 0.55, (acc, majority)
+
+
+def test_short_fit_raises_heldout_preference_accuracy(smol):
+    from locaudit.data.examples import preference_pairs
+    from locaudit.data.truthfulqa import load_truthfulqa, split_questions
+    from locaudit.heads import random_heads
+    from locaudit.interventions import LocalizedRank1
+    from locaudit.training import FitConfig, fit
+
+    split = split_questions(load_truthfulqa(), seed=0, limit=100)
+    edit = LocalizedRank1(random_heads(16, 0, smol.arch.n_layers, smol.arch.n_heads), smol.arch)
+    cfg = FitConfig(fmt="plain", epochs=2, max_train_pairs=48, max_val_pairs=40, tau=0.1)
+    r = fit(smol, edit, preference_pairs(split.train), preference_pairs(split.val), cfg, n_heads=16, progress=False)
+    start = [h for h in r.history if "val_loss" in h][0]
+    assert start["val_pref_acc"] == 0.5 and abs(start["val_loss"] - 25.0) < 1e-3  # identity at init: h = 0
+    assert r.best["val_pref_acc"] > start["val_pref_acc"]
+    assert r.best["val_loss"] < start["val_loss"]
