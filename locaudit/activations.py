@@ -64,10 +64,11 @@ def cached_activations(lm: LoadedModel, texts: Sequence[str], batch_size: int = 
     if path.is_file():
         try:
             arr = np.load(path, allow_pickle=False)
-            if arr.shape == (len(texts), lm.arch.n_layers, lm.arch.n_heads, lm.arch.head_dim):
+            if (arr.shape == (len(texts), lm.arch.n_layers, lm.arch.n_heads, lm.arch.head_dim)
+                    and arr.dtype == np.float32 and np.isfinite(arr).all()):
                 return arr
-        except (ValueError, OSError):
-            pass  # corrupt or truncated: recompute below
+        except Exception:  # corrupt, truncated or empty (np.load raises several types): recompute below
+            pass
     arr = capture_last_token(lm, texts, batch_size, progress)
     atomic_write(path, lambda tmp: save_npy(tmp, arr))
     return arr

@@ -1,41 +1,86 @@
 """`locaudit` command line: argument parsing and error reporting only; every command calls a public
-function of the library. User errors print one line and exit with code 2."""
+function of the library.
+
+User errors (bad options, head names, data, models; `LocauditError`) print one line,
+`locaudit: error: <problem>; <fix>`, and exit with code 2, before anything is written where possible: options,
+head-name syntax, `--out`, the data and the preset are checked before a model is loaded, and an output
+directory that a failed command created and left empty is removed again. Ctrl-C prints one line and exits
+with 130; every finished artefact is already on disk (atomic writes), so rerunning the command resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from locaudit.errors import LocauditError
 
+INTERRUPTED = "locaudit: interrupted; finished work is saved, rerun the same command to resume"
+
+
+class _UsageError(Exception):
+    """A command-line syntax error (argparse), reported like a LocauditError."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `locaudit: error: <problem> (see `locaudit <cmd> --help`)`, exit 2."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _show(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _int(text: str, minimum: int, what: str) -> int:
+    try:
+        v = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {_show(text)}") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+    return v
+
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+    return _int(text, 1, "a positive integer")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
-    return v
+def _nonneg_int(text: str) -> int:
+    return _int(text, 0, "an integer >= 0")
 
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {_show(text)}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {_show(text)}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v:g}")
+    return v
+
+
+def _head_list(text: str) -> str:
+    """Check a head list's syntax now (ranges need the model, checked once it is loaded)."""
+    from locaudit.heads import parse_heads
+
+    try:
+        return parse_heads(text).spec()
+    except LocauditError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -44,7 +89,7 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--data-dir", default=None, help="TruthfulQA directory (default: $LOCAUDIT_DATA or ../shared/data/truthfulqa)")
     p.add_argument("--limit-questions", type=_positive_int, default=None, help="use a seeded subset of N questions")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     if out:
         p.add_argument("--out", type=Path, required=True)
 
@@ -124,6 +169,8 @@ def cmd_run(args) -> None:
 
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed)
+    check_preset(preset)
+    preset.data.load_split()  # bad data fails now, before the model is loaded
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     results = run_study(preset, out)
     for key in ("iti", "ipo"):
@@ -140,7 +187,7 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locaudit", description="Does editing provide evidence for localization? Audit a head-level localization claim.")
+    parser = _Parser(prog="locaudit", description="Does editing provide evidence for localization? Audit a head-level localization claim.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("probe", help="probe every attention head for truthfulness (ITI) and rank heads")
@@ -153,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("steer", help="answers with and without ITI steering at some heads")
     _common(p, out=False)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--heads", help="comma list like L3H1,L7H4")
+    g.add_argument("--heads", type=_head_list, help="comma list like L3H1,L7H4")
     g.add_argument("--top-k", type=_positive_int, default=None, help="the top-K probe heads (default 16)")
     p.add_argument("--probes", type=Path, default=None, help="output dir of `locaudit probe` (default: probe now)")
     p.add_argument("--alpha", type=_float, default=15.0)
@@ -164,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train the optimal localized edit (IPO) at a head set, or full rank-1 LoRA")
     _common(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--heads", help="comma list like L3H1,L7H4")
+    g.add_argument("--heads", type=_head_list, help="comma list like L3H1,L7H4")
     g.add_argument("--top-k", type=_positive_int, help="top-K probe heads (with --probes DIR)")
     g.add_argument("--random", type=_positive_int, metavar="K", help="K random heads, drawn with --seed")
     g.add_argument("--all-heads", action="store_true", help="localized edit with S = every head")
@@ -186,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edit", type=Path, help="an edit directory written by `locaudit fit`")
     g.add_argument("--iti", action="store_true", help="ITI steering (with --heads or --top-k, and --alpha)")
     g.add_argument("--none", action="store_true", help="the unedited model")
-    p.add_argument("--heads", default=None)
+    p.add_argument("--heads", type=_head_list, default=None)
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--probes", type=Path, default=None)
     p.add_argument("--alpha", type=_float, default=15.0)
@@ -194,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
     p.add_argument("--judge", default="default", help="default, hf:TRUTH_DIR,INFO_DIR or openai:BASE_URL#TRUTH_MODEL,INFO_MODEL")
     p.add_argument("--text", default="wiki", help="general text for CE/KL: the built-in corpus or a text file")
-    p.add_argument("--text-docs", type=int, default=100)
+    p.add_argument("--text-docs", type=_nonneg_int, default=100, help="0 skips CE/KL")
     p.add_argument("--max-new-tokens", type=_positive_int, default=50)
     p.set_defaults(func=cmd_eval)
 
@@ -210,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--model", "--device", "--dtype", "--data-dir"):
         p.add_argument(flag, default=None)
     p.add_argument("--limit-questions", type=_positive_int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_nonneg_int, default=None)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild results and report.html from a run directory")
@@ -219,18 +266,176 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Checks that run before any model is loaded or anything is written
+
+
+def _check_out(out: Path | None) -> None:
+    """--out must be a directory or creatable as one (no existing file on the way, writable)."""
+    if out is None:
+        return
+    if out.exists():
+        if not out.is_dir():
+            raise LocauditError(f"--out {out} is an existing file; give a directory path")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise LocauditError(f"--out {out} is not writable; give a directory you can write to")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LocauditError(f"--out {out} cannot be created: {parent} is a file; give a directory path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LocauditError(f"--out {out} cannot be created: {parent} is not writable; give a directory you can write to")
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """Whether a preset value matches a dataclass field's (string) annotation: int, float, str, bool,
+    `X | None`, `tuple[float, ...]`."""
+    annotation = annotation.replace(" ", "")
+    if annotation.endswith("|None"):
+        return value is None or _type_ok(value, annotation[: -len("|None")])
+    if annotation.startswith("tuple[") and annotation.endswith(",...]"):
+        return isinstance(value, tuple) and all(_type_ok(v, annotation[6:-5]) for v in value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str)
+    return True
+
+
+_WANT = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false",
+         "tuple[float, ...]": "a list of numbers, e.g. [5.0, 15.0]"}
+
+
+def check_preset(preset) -> None:
+    """Every setting of a loaded preset has the type its table expects and a sensible range (the preset's
+    dataclasses check some of this themselves; TOML can still give strings where numbers belong)."""
+    from dataclasses import fields
+
+    for table in ("model", "data", "study", "fit", "eval"):
+        obj = getattr(preset, table)
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if not _type_ok(v, str(f.type)):
+                base = str(f.type).replace(" | None", "")
+                raise LocauditError(f"preset {preset.name!r} [{table}] {f.name} = {v!r}: expected "
+                                    f"{_WANT.get(base, base)}; fix the preset file")
+    st, ev, data = preset.study, preset.eval, preset.data
+    checks = [
+        (all(t > 0 for t in st.taus), "[study] taus must all be > 0"),
+        (all(math.isfinite(a) for a in st.alphas), "[study] alphas must be finite numbers"),
+        (st.max_val_questions is None or st.max_val_questions > 0, "[study] max_val_questions must be positive"),
+        (st.max_test_questions is None or st.max_test_questions > 0, "[study] max_test_questions must be positive"),
+        (ev.max_new_tokens > 0 and ev.batch_size > 0 and ev.text_tokens > 0,
+         "[eval] max_new_tokens, batch_size and text_tokens must be positive"),
+        (ev.text_docs >= 0, "[eval] text_docs must be >= 0 (0 skips CE/KL)"),
+        (data.seed >= 0, "[data] seed must be >= 0"),
+        (preset.fit.weight_decay >= 0 and 0 <= preset.fit.warmup_ratio < 1,
+         "[fit] weight_decay must be >= 0 and warmup_ratio in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LocauditError(f"preset {preset.name!r}: {message}; fix the preset file")
+    from locaudit.data.examples import PROBE_FORMATS
+    from locaudit.data.formats import FORMATS
+
+    for where, value, allowed in (("[eval] fmt", ev.fmt, FORMATS), ("[fit] fmt", preset.fit.fmt, FORMATS),
+                                  ("[study] probe_format", st.probe_format, PROBE_FORMATS)):
+        if value not in allowed:
+            raise LocauditError(f"preset {preset.name!r}: {where} = {value!r}; use one of {', '.join(allowed)}")
+
+
+def _check_data(args) -> None:
+    """Load and split the data now (fast), so bad data fails before the model is loaded."""
+    from locaudit.config import DataConfig
+
+    if getattr(args, "command", None) in ("probe", "steer", "fit", "eval"):
+        DataConfig(data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed).load_split()
+    elif getattr(args, "command", None) == "judge" and args.data_dir is not None:
+        from locaudit.data.truthfulqa import find_data_dir
+
+        find_data_dir(args.data_dir, download=False)
+
+
+def _check_inputs(args) -> None:
+    """Input directories and files named on the command line exist and look right (before loading a model)."""
+    edit = getattr(args, "edit", None)
+    if edit is not None and not ((edit / "edit.json").is_file() and (edit / "edit.safetensors").is_file()):
+        raise LocauditError(f"--edit {edit} is not an edit directory (needs edit.json and edit.safetensors); "
+                            f"give the --out of `locaudit fit`")
+    probes = getattr(args, "probes", None)
+    if probes is not None and not (probes / "probes.npz").is_file():
+        raise LocauditError(f"--probes {probes} has no probes.npz; give the --out of `locaudit probe`")
+    text = getattr(args, "text", None)
+    if args.command == "eval" and args.text_docs > 0 and text not in ("wiki", "lee") and not Path(text).is_file():
+        raise LocauditError(f"--text {text} is neither a built-in corpus (wiki, lee) nor a file; give a UTF-8 text file")
+    if args.command == "fit" and args.top_k is not None and probes is None:
+        raise LocauditError("--top-k needs --probes DIR (the output of `locaudit probe`)")
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    out, created = None, None
     try:
+        args = build_parser().parse_args(argv)
+        out = getattr(args, "out", None)
+        _check_out(out)
+        created = _first_missing(out)
+        _check_inputs(args)
+        _check_data(args)
         args.func(args)
-    except LocauditError as e:
-        print(f"locaudit: error: {e}", file=sys.stderr)
+    except (LocauditError, _UsageError) as e:
+        print(f"locaudit: error: {_one_line(e)}", file=sys.stderr)
+        _remove_if_empty(out, created)
+        return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"locaudit: error: {_one_line(e.strerror or e)}{where}; free disk space or fix permissions and rerun "
+              f"the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("locaudit: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
+        _remove_if_empty(out, created)
         return 130
     return 0
+
+
+def _first_missing(out: Path | None) -> Path | None:
+    """The topmost directory of `out` that does not exist yet (what the command will create), if any."""
+    if out is None or out.exists():
+        return None
+    top = out
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
+
+
+def _remove_if_empty(out: Path | None, created: Path | None) -> None:
+    """A command that failed leaves no trace: remove the directories it created for --out if still empty."""
+    if out is None or created is None:
+        return
+    d = out
+    while True:
+        try:
+            d.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        if d == created or d.parent == d:
+            return
+        d = d.parent
 
 
 if __name__ == "__main__":

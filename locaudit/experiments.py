@@ -188,9 +188,13 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
 
     t0 = time.time()
     probe_dir = out / "probes"
+    probes = None
     if (probe_dir / "probes.npz").is_file():
-        probes = ProbeResult.load(probe_dir)
-    else:
+        try:
+            probes = ProbeResult.load(probe_dir)
+        except LocauditError:
+            probes = None  # unreadable (e.g. killed mid-write by an older version): recompute
+    if probes is None:
         probes = run_probe(preset.model, preset.data, probe_dir, probe_format=preset.study.probe_format,
                            batch_size=preset.eval.batch_size, top_k=preset.study.top_k, lm=lm, progress=progress)
     stage_seconds["probe"] = time.time() - t0
@@ -220,7 +224,10 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
             return ITI.from_probes(arm.heads, probes, value)
         d = edit_dir(out, arm, value)
         if (d / "edit.json").is_file():
-            return load_intervention(d, lm.arch)
+            try:
+                return load_intervention(d, lm.arch)
+            except LocauditError:
+                pass  # damaged edit files: refit below
         t = time.time()
         cfg = replace(preset.fit, tau=value)
         edit = make_edit(lm, arm.heads, seed=preset.data.seed)

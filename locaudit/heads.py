@@ -15,7 +15,15 @@ import numpy as np
 
 from locaudit.errors import LocauditError
 
-_NAME = re.compile(r"L(\d+)H(\d+)")
+_NAME = re.compile(r"L([0-9]+)H([0-9]+)")  # ASCII digits only: "L٣H1" is not a head name
+_MAX_DIGITS = 9
+EXAMPLE = "write heads as L<layer>H<head>, 0-based, comma-separated, e.g. L3H1,L7H4"
+
+
+def show(text, limit: int = 40) -> str:
+    """User text quoted for a one-line message: repr (escapes newlines and control characters), shortened."""
+    text = str(text)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass(frozen=True, order=True)
@@ -39,7 +47,8 @@ class HeadSet:
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(sorted(self.heads)))
         if len(set(self.heads)) != len(self.heads):
-            raise LocauditError(f"head set '{self.label}' has duplicate heads")
+            dup = next(h for i, h in enumerate(self.heads) if h in self.heads[:i])
+            raise LocauditError(f"head set {show(self.label)} lists head {dup.name} twice; give each head once")
 
     def __len__(self) -> int:
         return len(self.heads)
@@ -76,23 +85,39 @@ def _check_range(h: Head, n_layers: int, n_heads: int) -> None:
 
 
 def parse_head(name: str) -> Head:
+    if not isinstance(name, str):
+        raise LocauditError(f"head name {show(name)} is not text; {EXAMPLE}")
     m = _NAME.fullmatch(name.strip())
     if not m:
-        raise LocauditError(f"malformed head name '{name}'; write heads as L<layer>H<head>, 0-based, e.g. L12H3")
+        raise LocauditError(f"malformed head name {show(name)}; {EXAMPLE}")
+    if max(len(m.group(1)), len(m.group(2))) > _MAX_DIGITS:
+        raise LocauditError(f"head name {show(name)} has an impossibly large index; {EXAMPLE}")
     return Head(int(m.group(1)), int(m.group(2)))
 
 
 def parse_heads(spec: str | Iterable[str], n_layers: int | None = None, n_heads: int | None = None,
                 label: str = "custom") -> HeadSet:
-    """Parse `"L3H1,L7H4"` (or a list of names) into a HeadSet, optionally checked against a model's shape."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    if not names or all(not n.strip() for n in names):
-        raise LocauditError("empty head list; give heads as L<layer>H<head>[,L<layer>H<head>...], e.g. L3H1,L7H4")
+    """Parse `"L3H1,L7H4"` (or a list of names) into a HeadSet, optionally checked against a model's shape.
+
+    Anything that is not such a list (malformed or empty names, duplicates, out-of-range heads) raises
+    LocauditError with a one-line message."""
+    if isinstance(spec, str):
+        names = spec.split(",")
+    else:
+        try:
+            names = list(spec)
+        except TypeError:
+            raise LocauditError(f"head list {show(spec)} is not a list of names; {EXAMPLE}") from None
+    if not names or all(isinstance(n, str) and not n.strip() for n in names):
+        raise LocauditError(f"empty head list; {EXAMPLE}")
+    for n in names:
+        if isinstance(n, str) and not n.strip():
+            raise LocauditError(f"empty head name in {show(spec)} (a stray comma?); {EXAMPLE}")
     heads = [parse_head(n) for n in names]
     seen: set[Head] = set()
     for h in heads:
         if h in seen:
-            raise LocauditError(f"head {h.name} is listed twice; give each head once")
+            raise LocauditError(f"head {h.name} is listed twice in {show(spec)}; give each head once")
         seen.add(h)
     hs = HeadSet(tuple(heads), label)
     if n_layers is not None and n_heads is not None:
@@ -101,15 +126,21 @@ def parse_heads(spec: str | Iterable[str], n_layers: int | None = None, n_heads:
 
 
 def _positive(k: int, what: str) -> None:
-    if not isinstance(k, (int, np.integer)) or k <= 0:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise LocauditError(f"{what} must be a positive integer, got {k!r}")
+
+
+def _seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise LocauditError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def random_heads(k: int, seed: int, n_layers: int, n_heads: int) -> HeadSet:
     """k heads drawn uniformly without replacement from all L*H heads; the same (k, seed) gives the same set."""
     _positive(k, "random head-set size")
+    _seed(seed)
     if k > n_layers * n_heads:
-        raise LocauditError(f"cannot draw {k} heads from a model with only {n_layers * n_heads}")
+        raise LocauditError(f"cannot draw {k} heads from a model with only {n_layers * n_heads}; use a size of at most {n_layers * n_heads}")
     idx = np.random.default_rng(seed).choice(n_layers * n_heads, size=k, replace=False)
     return HeadSet(tuple(Head(int(i) // n_heads, int(i) % n_heads) for i in idx), f"random{k}-s{seed}")
 

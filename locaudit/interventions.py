@@ -249,22 +249,33 @@ def load_intervention(path: Path, arch: Arch) -> Intervention:
     if not meta_path.is_file() or not tensor_path.is_file():
         raise LocauditError(f"{path} is not an edit directory (needs edit.json and edit.safetensors); run `locaudit fit --out {path}`")
     meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise LocauditError(f"{meta_path} is not an edit description (expected a JSON object); refit the edit")
     try:
         tensors = load_file(str(tensor_path))
     except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise LocauditError(f"{tensor_path} is unreadable ({e}); refit the edit") from None
+        raise LocauditError(f"{tensor_path} is unreadable ({' '.join(str(e).split())[:160]}); refit the edit") from None
     kind = meta.get("kind")
-    if kind == "localized":
-        edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch)
-        edit.load_tensors(tensors)
-    elif kind == "full":
-        edit = FullRank1(arch)
-        edit.load_tensors(tensors)
-    elif kind == "iti":
-        heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
-        edit = ITI(heads, tensors["u"], tensors["sigma"], meta["alpha"])
-    elif kind == "none":
-        edit = NoEdit()
-    else:
-        raise LocauditError(f"{meta_path} has unknown edit kind {kind!r}; expected localized, full, iti or none")
+    try:
+        if kind == "localized":
+            edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch)
+            edit.load_tensors(tensors)
+        elif kind == "full":
+            edit = FullRank1(arch)
+            edit.load_tensors(tensors)
+        elif kind == "iti":
+            heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
+            u, sigma = tensors["u"], tensors["sigma"]
+            if tuple(u.shape) != (len(heads), arch.head_dim) or tuple(sigma.shape) != (len(heads),):
+                raise ValueError(f"u/sigma shapes {tuple(u.shape)}/{tuple(sigma.shape)} do not fit {len(heads)} heads of size {arch.head_dim}")
+            edit = ITI(heads, u, sigma, float(meta["alpha"]))
+        elif kind == "none":
+            edit = NoEdit()
+        else:
+            raise LocauditError(f"{meta_path} has unknown edit kind {kind!r}; expected localized, full, iti or none")
+    except KeyError as e:
+        raise LocauditError(f"edit in {path} lacks {e}; it is incomplete or from another version, refit it") from None
+    except (RuntimeError, ValueError, TypeError) as e:  # shapes from another model, wrong types
+        raise LocauditError(f"edit in {path} does not fit this model ({' '.join(str(e).split())[:160]}); "
+                            f"use the model it was fitted on or refit it") from None
     return edit

@@ -58,8 +58,11 @@ class ProbeResult:
         path = Path(out) / "probes.npz"
         if not path.is_file():
             raise LocauditError(f"{path} not found; run `locaudit probe --out {out}` first")
-        z = np.load(path, allow_pickle=False)
-        return cls(z["val_acc"], z["train_acc"], z["directions"], z["sigmas"], int(z["n"][0]), int(z["n"][1]))
+        try:
+            z = np.load(path, allow_pickle=False)
+            return cls(z["val_acc"], z["train_acc"], z["directions"], z["sigmas"], int(z["n"][0]), int(z["n"][1]))
+        except Exception as e:  # truncated or foreign file
+            raise LocauditError(f"{path} is unreadable ({type(e).__name__}); delete it and rerun `locaudit probe`") from None
 
 
 def train_probes(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

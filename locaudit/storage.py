@@ -22,7 +22,11 @@ def cache_dir() -> Path:
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "locaudit")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocauditError(f"cannot use cache directory {path} ({e.strerror or type(e).__name__}); "
+                            f"set LOCAUDIT_CACHE to a writable directory") from None
     return path
 
 
@@ -41,7 +45,11 @@ def file_sha256(path: Path) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary path beside `path`, fsync it and rename it over `path`."""
+    """Call `write(tmp)` on a temporary path beside `path`, fsync it and rename it over `path`.
+
+    The temporary file is named `.<name>.<random>.tmp`, so no reader that looks for `<name>` (or globs
+    `*.json`, `*.npy`, ...) ever sees it; it is removed on any exception, Ctrl-C included. Only a hard kill
+    (SIGKILL, power loss) can leave one behind, and it is then ignored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -83,9 +91,13 @@ def _json_default(o: Any) -> Any:
 def read_json(path: Path) -> Any:
     """Read a JSON file written by `atomic_write_json`; a corrupt file raises LocauditError."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LocauditError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); delete it and rerun") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise LocauditError(f"{path} is not valid JSON; delete it and rerun") from None
+    except OSError as e:
+        raise LocauditError(f"cannot read {path} ({e.strerror or type(e).__name__}); check it exists and is readable") from None
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -93,5 +105,9 @@ def prepare_out_dir(out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LocauditError(f"--out {out} is an existing file; give a directory path")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocauditError(f"cannot create --out directory {out} ({e.strerror or type(e).__name__}); "
+                            f"give a writable directory path") from None
     return out

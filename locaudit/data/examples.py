@@ -6,7 +6,10 @@ can be reused safely.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +17,7 @@ import numpy as np
 from locaudit.data.truthfulqa import Question
 from locaudit.data.formats import ensure_period
 from locaudit.errors import LocauditError
+from locaudit.heads import show
 
 PROBE_FORMATS = ("iti_end_q", "iti")
 
@@ -97,3 +101,71 @@ def mc_items(questions: Sequence[Question]) -> list[MCItem]:
         items.append(MCItem(q.id, q.question, tuple(a for a, _ in mc1), tuple(int(l) for _, l in mc1),
                             tuple(a for a, _ in mc2), tuple(int(l) for _, l in mc2)))
     return items
+
+
+PAIR_FIELDS = ("question", "chosen", "rejected")
+_PAIR_HELP = 'one JSON object per line: {"question": ..., "chosen": truthful answer, "rejected": untruthful answer}'
+
+
+def load_preference_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
+    """User-supplied preference pairs from a JSONL file, one object per line with the text fields `question`,
+    `chosen` (the preferred, truthful answer) and `rejected`, and optionally an integer `qid` (pairs of one
+    question share it; without it every distinct question text gets its own id, in order of appearance).
+
+    Blank lines are skipped; anything else that is not such an object raises LocauditError naming the line.
+    Texts are stripped and otherwise kept as written (no TruthfulQA period normalisation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocauditError(f"preference file {show(str(path), 80)} not found; give a JSONL file with {_PAIR_HELP}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LocauditError(f"cannot read {path} ({e.strerror or type(e).__name__}); check the file and its permissions") from None
+    pairs: list[PreferencePair] = []
+    implicit: dict[str, int] = {}
+    qid_text: dict[int, tuple[str, int]] = {}
+    has_qid: bool | None = None
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path} line {n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise LocauditError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LocauditError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); write {_PAIR_HELP}") from None
+        except (ValueError, RecursionError):
+            raise LocauditError(f"{where}: not valid JSON; write {_PAIR_HELP}") from None
+        if not isinstance(obj, dict):
+            raise LocauditError(f"{where}: expected a JSON object, got {type(obj).__name__}; write {_PAIR_HELP}")
+        missing = [k for k in PAIR_FIELDS if k not in obj]
+        if missing:
+            raise LocauditError(f"{where}: missing field(s) {', '.join(missing)}; write {_PAIR_HELP}")
+        text = {}
+        for k in PAIR_FIELDS:
+            if not isinstance(obj[k], str) or not obj[k].strip():
+                raise LocauditError(f"{where}: field '{k}' must be non-empty text, got {show(json.dumps(obj[k]))}")
+            text[k] = obj[k].strip()
+        if text["chosen"] == text["rejected"]:
+            raise LocauditError(f"{where}: chosen and rejected answers are identical; a pair needs two different answers")
+        if has_qid is None:
+            has_qid = "qid" in obj
+        elif has_qid != ("qid" in obj):
+            raise LocauditError(f"{where}: 'qid' is given on some lines but not on this one; give it on every line or on none")
+        if has_qid:
+            qid = obj["qid"]
+            if isinstance(qid, bool) or not isinstance(qid, int) or qid < 0:
+                raise LocauditError(f"{where}: 'qid' must be an integer >= 0, got {show(json.dumps(qid))}")
+            first = qid_text.setdefault(qid, (text["question"], n))
+            if first[0] != text["question"]:
+                raise LocauditError(f"{where}: qid {qid} is already used for a different question on line {first[1]}; "
+                                    f"give each question its own qid")
+        else:
+            qid = implicit.setdefault(text["question"], len(implicit))
+        pairs.append(PreferencePair(qid, text["question"], text["chosen"], text["rejected"]))
+    if not pairs:
+        raise LocauditError(f"{path} has no preference pairs; write {_PAIR_HELP}")
+    return pairs

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from locaudit.errors import LocauditError
+from locaudit.heads import show
 from locaudit.storage import cache_dir, file_sha256, stable_hash
 
 FILES = ("TruthfulQA.csv", "mc_task.json", "finetune_truth.jsonl", "finetune_info.jsonl")
@@ -68,17 +69,20 @@ def _project_shared() -> list[Path]:
     return [Path.cwd() / ".." / "shared" / "data" / "truthfulqa", here / ".." / "shared" / "data" / "truthfulqa"]
 
 
-def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True, _source: str = "--data-dir") -> Path:
     """Locate a TruthfulQA directory (see module docstring); download into the cache as a last resort."""
     if data_dir is not None:
         path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise LocauditError(f"{_source} {show(str(path), 80)} is not a directory; point it at a TruthfulQA data directory "
+                                f"(one holding TruthfulQA.csv)")
         missing = [f for f in ("TruthfulQA.csv",) if not (path / f).is_file()]
         if missing:
-            raise LocauditError(f"--data-dir {path} has no {missing[0]}; point it at a TruthfulQA data directory")
+            raise LocauditError(f"{_source} {show(str(path), 80)} has no {missing[0]}; point it at a TruthfulQA data directory")
         return path
     env = os.environ.get("LOCAUDIT_DATA")
     if env:
-        return find_data_dir(env, download=False)
+        return find_data_dir(env, download=False, _source="$LOCAUDIT_DATA")
     for cand in _project_shared():
         if (cand / "TruthfulQA.csv").is_file():
             return cand.resolve()
@@ -111,11 +115,18 @@ def verify_checksums(data_dir: Path) -> None:
     sums = Path(data_dir) / "SHA256SUMS"
     if not sums.is_file():
         return
-    for line in sums.read_text().splitlines():
+    try:
+        lines = sums.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LocauditError(f"{sums} is unreadable ({type(e).__name__}); restore it or delete it to skip verification") from None
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        digest, name = line.split(maxsplit=1)
-        path = Path(data_dir) / name.strip().lstrip("*")
+        parts = line.split(maxsplit=1)
+        digest = parts[0].lower()
+        if len(parts) != 2 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise LocauditError(f"{sums} line {i} is not '<sha256> <file name>'; restore it or delete it to skip verification")
+        path = Path(data_dir) / parts[1].strip().lstrip("*")
         if not path.is_file():
             raise LocauditError(f"{path} is listed in SHA256SUMS but missing; restore the TruthfulQA data directory")
         if file_sha256(path) != digest:
@@ -143,22 +154,29 @@ def load_truthfulqa(data_dir: str | os.PathLike | None = None, verify: bool = Tr
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise LocauditError(f"{csv_path} lacks column(s) {', '.join(missing)}; expected TruthfulQA's header {', '.join(REQUIRED_COLUMNS)}")
-            rows = list(reader)
+            rows, starts, end = [], [], reader.line_num
+            for r in reader:  # remember where each record starts: a quoted cell may span lines
+                rows.append(r)
+                starts.append(end + 1)
+                end = reader.line_num
     except (UnicodeDecodeError, csv.Error) as e:
-        raise LocauditError(f"{csv_path} is not a readable CSV ({e}); restore the TruthfulQA file") from None
+        raise LocauditError(f"{csv_path} is not a readable CSV ({_one_line(e)}); restore the TruthfulQA file") from None
+    except OSError as e:
+        raise LocauditError(f"cannot read {csv_path} ({e.strerror or type(e).__name__}); check the file and its permissions") from None
     mc = _load_mc(root / "mc_task.json")
     questions = []
-    for i, r in enumerate(rows):
-        line = i + 2  # header is line 1
+    for i, (r, line) in enumerate(zip(rows, starts)):
         q = (r.get("Question") or "").strip()
         if not q:
             raise LocauditError(f"{csv_path} line {line}: empty Question; fix or remove that row")
         correct, incorrect = split_answers(r.get("Correct Answers")), split_answers(r.get("Incorrect Answers"))
         best = (r.get("Best Answer") or "").strip()
-        if not correct or not best:
-            raise LocauditError(f"{csv_path} line {line}: question '{q[:50]}' has no correct answer; every question needs one")
+        if not correct:
+            raise LocauditError(f"{csv_path} line {line}: question {show(q)} has no correct answer; every question needs one")
+        if not best:
+            raise LocauditError(f"{csv_path} line {line}: question {show(q)} has an empty Best Answer; fill it in or remove the row")
         if not incorrect:
-            raise LocauditError(f"{csv_path} line {line}: question '{q[:50]}' has no untruthful (incorrect) answer; every question needs one")
+            raise LocauditError(f"{csv_path} line {line}: question {show(q)} has no untruthful (incorrect) answer; every question needs one")
         targets = mc.get(_norm(q), {})
         questions.append(Question(
             id=i, question=q, best_answer=best, correct=correct, incorrect=incorrect,
@@ -170,14 +188,41 @@ def load_truthfulqa(data_dir: str | os.PathLike | None = None, verify: bool = Tr
     return questions
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _targets(item: dict, key: str, where: str) -> dict[str, int]:
+    t = item.get(key, {})
+    if not isinstance(t, dict) or not all(isinstance(a, str) and type(l) in (int, bool) and int(l) in (0, 1)
+                                          for a, l in t.items()):
+        raise LocauditError(f"{where}: {key} must map answer text to 0 or 1; restore mc_task.json")
+    if t and not any(t.values()):
+        raise LocauditError(f"{where}: {key} has no true answer; restore mc_task.json")
+    return {a: int(l) for a, l in t.items()}
+
+
 def _load_mc(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     try:
-        items = json.loads(path.read_text())
+        items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LocauditError(f"{path} is not valid JSON (line {e.lineno}); restore mc_task.json") from None
-    return {_norm(it["question"]): it for it in items if isinstance(it, dict) and "question" in it}
+    except (OSError, UnicodeDecodeError) as e:
+        raise LocauditError(f"{path} is unreadable ({type(e).__name__}); restore mc_task.json") from None
+    if not isinstance(items, list):
+        raise LocauditError(f"{path} is not a JSON list of questions; restore mc_task.json")
+    out = {}
+    for n, it in enumerate(items):
+        if not isinstance(it, dict) or not isinstance(it.get("question"), str):
+            raise LocauditError(f"{path} item {n}: expected an object with a 'question' string; restore mc_task.json")
+        where = f"{path} item {n}"
+        mc1 = _targets(it, "mc1_targets", where)
+        if mc1 and sum(mc1.values()) != 1:
+            raise LocauditError(f"{where}: mc1_targets must have exactly one true answer; restore mc_task.json")
+        out[_norm(it["question"])] = {"mc1_targets": mc1, "mc2_targets": _targets(it, "mc2_targets", where)}
+    return out
 
 
 def split_questions(questions: list[Question], seed: int = 0, train_frac: float = 0.6, val_frac: float = 0.2,
@@ -188,11 +233,13 @@ def split_questions(questions: list[Question], seed: int = 0, train_frac: float 
     """
     if not 0 < train_frac < 1 or not 0 < val_frac < 1 or train_frac + val_frac >= 1:
         raise LocauditError(f"split fractions train={train_frac}, val={val_frac} must be in (0,1) and leave room for test")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise LocauditError(f"--seed must be an integer >= 0, got {seed!r}")
     qs = list(questions)
     rng = np.random.default_rng(seed)
     if limit is not None:
-        if limit <= 0:
-            raise LocauditError(f"--limit-questions must be positive, got {limit}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit <= 0:
+            raise LocauditError(f"--limit-questions must be a positive integer, got {limit!r}")
         if limit < len(qs):
             qs = [qs[i] for i in sorted(rng.choice(len(qs), size=limit, replace=False))]
     order = rng.permutation(len(qs))
@@ -200,8 +247,10 @@ def split_questions(questions: list[Question], seed: int = 0, train_frac: float 
     n_val = int(round(val_frac * len(qs)))
     parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
     if any(len(p) == 0 for p in parts):
-        raise LocauditError(
-            f"{len(qs)} questions give an empty train, validation or test split; use --limit-questions of at least 5"
-        )
+        empty = next(name for name, p in zip(("train", "validation", "test"), parts) if len(p) == 0)
+        if limit is not None and limit < len(questions):
+            raise LocauditError(f"--limit-questions {limit} leaves the {empty} split empty; use --limit-questions 5 or more")
+        raise LocauditError(f"the data has only {len(qs)} questions, which leaves the {empty} split empty; "
+                            f"give a TruthfulQA.csv with at least 5 questions")
     train, val, test = (tuple(qs[i] for i in sorted(p)) for p in parts)
     return Split(train, val, test, seed, {"train_frac": train_frac, "val_frac": val_frac, "limit": limit})
