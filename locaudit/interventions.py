@@ -19,7 +19,6 @@ Initialisation follows LoRA: the output-side factor (b, B) is zero, so the edit 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from locaudit.errors import LocauditError
-from locaudit.heads import Head, HeadSet, parse_heads
+from locaudit.heads import HeadSet, parse_heads
 from locaudit.models import Arch, LoadedModel
 from locaudit.storage import atomic_write, atomic_write_json, read_json
 
