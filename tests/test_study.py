@@ -4,28 +4,13 @@ stored and reused on rerun, results are reproducible, statistics and the report 
 from __future__ import annotations
 
 import csv
-import hashlib
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from locaudit.study import load_preset
 from tests.conftest import make_tiny
-
-
-class HashJudge:
-    """Deterministic stand-in: P(yes) from a hash of (question, answer), so different answers score differently."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def score(self, questions, answers):
-        return np.array([int(hashlib.sha256(f"{self.name}|{q}|{a}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-                         for q, a in zip(questions, answers)])
-
-    def info(self):
-        return {"version": f"hash-{self.name}", "heldout_answer_acc": None, "heldout_question_acc": None}
+from tests.study_child import HashJudge
 
 
 def tiny_preset():
