@@ -68,7 +68,7 @@ class Interrupted:
 
     def finish(self) -> tuple[int, str]:
         self.thread.join()
-        _, err = self.proc.communicate(timeout=120)
+        _, err = self.proc.communicate(timeout=600)
         assert self.error is None, f"{self.error}\n{err}"
         return self.proc.returncode, err
 
