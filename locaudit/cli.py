@@ -172,11 +172,10 @@ def cmd_run(args) -> None:
     check_preset(preset)
     preset.data.load_split()  # bad data fails now, before the model is loaded
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    from locaudit.report import console_summary
+
     results = run_study(preset, out)
-    for key in ("iti", "ipo"):
-        if key in results["stats"]:
-            print(results["stats"][key]["verdict"])
-    print(f"report: {out}/report.html")
+    print(console_summary(out, results))
 
 
 def cmd_report(args) -> None:

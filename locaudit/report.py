@@ -79,6 +79,26 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0) -> dict:
     return out
 
 
+def console_summary(run_dir: Path, results: dict) -> str:
+    """What `locaudit run` prints at the end: S*, one steered vs unsteered answer, and the verdicts."""
+    run_dir = Path(run_dir)
+    tests = {r["arm"]: r for r in load_trials(run_dir) if r["split"] == "test"}
+    lines = []
+    top = next((r for r in tests.values() if r["method"] == "iti" and r["group"] == "top"), None)
+    if top is not None:
+        lines.append(f"S* (top {len(top['heads'].split(','))} probe heads): {top['heads']}")
+        base = tests.get("baseline")
+        if base is not None and "question" in base["per_question"]:
+            q, a0, a1 = (base["per_question"]["question"][0], base["per_question"]["answer"][0],
+                         top["per_question"]["answer"][0])
+            lines.append(f"Q: {q}\n  unsteered: {a0}\n  ITI at S* (alpha {top['alpha']:g}): {a1}")
+    for key in ("iti", "ipo"):
+        if key in results["stats"]:
+            lines.append(results["stats"][key]["verdict"])
+    lines.append(f"report: {run_dir}/report.html")
+    return "\n".join(lines)
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'

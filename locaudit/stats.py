@@ -86,6 +86,12 @@ def null_test(target: float, random_scores: Sequence[float]) -> NullTest:
     return NullTest(float(target), n, float(r.mean()), sd, t, p, float(pct), float(p_rank))
 
 
+def _ordinal(x: float) -> str:
+    n = int(round(x))
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def verdict(method: str, test: NullTest, alpha: float = 0.05) -> str:
     """One sentence, generated from the numbers, on whether edits distinguish S* from random heads."""
     if test.n_random == 0:
@@ -93,7 +99,7 @@ def verdict(method: str, test: NullTest, alpha: float = 0.05) -> str:
     above = test.target > test.random_mean
     sig = test.p_rank <= alpha
     base = (f"{method}: S* scores {test.target:.3f} vs random sets {test.random_mean:.3f} "
-            f"(sd {test.random_sd:.3f}, n={test.n_random}); S* is at the {test.percentile:.0f}th percentile of the "
+            f"(sd {test.random_sd:.3f}, n={test.n_random}); S* is at the {_ordinal(test.percentile)} percentile of the "
             f"random null (rank p = {test.p_rank:.3f}, t-test p = {test.p_ttest:.2g}).")
     if above and sig:
         return base + " Edit-based evidence does single out S* here."

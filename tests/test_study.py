@@ -98,3 +98,13 @@ def test_report_rebuild(study_dir):
     st = res["stats"]
     assert st["iti"]["test"]["n_random"] == 2 and 0 <= st["iti"]["test"]["percentile"] <= 100
     assert "fraction_of_full" in st["ipo"]
+
+
+def test_console_summary_shows_heads_and_steered_answer(study_dir):
+    import json
+
+    from locaudit.report import console_summary
+
+    text = console_summary(study_dir / "a", json.loads((study_dir / "a" / "results.json").read_text()))
+    assert text.startswith("S* (top 3 probe heads): L") and "unsteered: " in text and "ITI at S* (alpha " in text
+    assert "ITI: S* scores" in text and "Optimal edit (IPO): S* scores" in text

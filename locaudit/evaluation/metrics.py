@@ -118,7 +118,7 @@ def evaluate(lm: LoadedModel, edit, questions: Sequence[Question], fmt: PromptFo
         "n_questions": len(questions), "edit": label, "format": fmt.name,
         "judge": None if judges is None else {"truth": judges[0].info(), "info": judges[1].info()},
         "per_question": {
-            "qid": [q.id for q in questions], "answer": answers,
+            "qid": [q.id for q in questions], "question": texts, "answer": answers,
             "truth_p": None if truth_p is None else truth_p.tolist(),
             "info_p": None if info_p is None else info_p.tolist(),
             "mc1": None if mc_res is None else mc_res["mc1_per_item"].tolist(),
