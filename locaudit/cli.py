@@ -135,7 +135,8 @@ def cmd_fit(args) -> None:
     summary = run_fit(*_configs(args), args.out, heads=args.heads, top_k=args.top_k, probes=args.probes,
                       random_k=args.random, all_heads=args.all_heads, full=args.full, objective=args.objective,
                       tau=args.tau, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, fmt=args.format,
-                      max_train_pairs=args.max_train_pairs, sum_logprobs=args.sum_logprobs)
+                      max_train_pairs=args.max_train_pairs, max_val_pairs=args.max_val_pairs,
+                      sum_logprobs=args.sum_logprobs)
     b, s = summary["best"], summary["val_start"]
     print(f"{summary['edit_label']}: val {summary['config']['objective'].upper()} loss {s['val_loss']:.3f} -> {b['val_loss']:.3f}, "
           f"preference accuracy {s['val_pref_acc']:.3f} -> {b['val_pref_acc']:.3f} "
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=None, help="default: by head-set size")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--max-train-pairs", type=_positive_int, default=None)
+    p.add_argument("--max-val-pairs", type=_positive_int, default=None,
+                   help="cap the validation pairs (default all; pi0 and every validation pass score them all)")
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
     p.add_argument("--sum-logprobs", action="store_true", help="sum answer-token log-probs instead of averaging")
     p.set_defaults(func=cmd_fit)

@@ -108,7 +108,8 @@ def make_edit(lm: LoadedModel, heads: HeadSet | None, seed: int = 0):
 def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = None, top_k: int | None = None,
             probes: Path | None = None, random_k: int | None = None, all_heads: bool = False, full: bool = False,
             objective: str = "ipo", tau: float = 0.1, epochs: int = 2, lr: float | None = None, batch_size: int = 4,
-            fmt: str = "qa", max_train_pairs: int | None = None, sum_logprobs: bool = False,
+            fmt: str = "qa", max_train_pairs: int | None = None, max_val_pairs: int | None = None,
+            sum_logprobs: bool = False,
             lm: LoadedModel | None = None, progress: bool = True) -> dict:
     """Fit the optimal edit at a head set (or full rank-1 LoRA); write edit.safetensors, edit.json and
     training_curve.png under `out`; return the edit.json record."""
@@ -117,7 +118,8 @@ def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = 
     from locaudit.training import FitConfig, fit, fit_summary
 
     cfg = FitConfig(objective=objective, tau=tau, epochs=epochs, lr=lr, batch_size=batch_size, fmt=fmt,
-                    max_train_pairs=max_train_pairs, average_logprobs=not sum_logprobs, seed=dcfg.seed)
+                    max_train_pairs=max_train_pairs, max_val_pairs=max_val_pairs,
+                    average_logprobs=not sum_logprobs, seed=dcfg.seed)
     out = prepare_out_dir(out)
     lm = lm or load(mcfg)
     hs = None if full else resolve_heads(lm, heads=heads, top_k=top_k, probes=probes, random_k=random_k,

@@ -81,7 +81,8 @@ def prefix_kv(lm: LoadedModel, prefix: Sequence[int]) -> PrefixKV | None:
     if not prefix:
         return None
     ids = torch.tensor([list(prefix)], device=lm.device)
-    cache = lm.model.base_model(input_ids=ids, use_cache=True).past_key_values
+    out = lm.model.base_model(input_ids=ids, use_cache=True)
+    cache = out["cache"] if "cache" in out.keys() else out.past_key_values
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
