@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import runpy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,9 @@ def run_cli(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # A shell that starts jobs in the background (CI runners, `cmd &`) makes them ignore SIGINT, and Python then
+    # installs no KeyboardInterrupt handler. Restore it, as in a user's terminal where Ctrl-C reaches the study.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = sys.argv[1:]
     hang = 0
     if args[:1] == ["--hang-at-trial"]:
