@@ -131,6 +131,20 @@ def count_fit_tokens(counts: dict):
             setattr(mod, name, f)
 
 
+def eval_breakdown(run_dir: Path) -> dict:
+    """Per evaluation stage (baseline, iti, ipo_eval), the summed `timings` of its trials: generate, mc, judge,
+    text; plus the number of trials and the summed fit seconds recorded in IPO trials."""
+    stage_of = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}
+    out: dict = {}
+    for f in sorted(run_dir.glob("trials/*/*.json")):
+        r = json.loads(f.read_text())
+        d = out.setdefault(stage_of.get(r.get("method"), "other"), {"trials": 0})
+        d["trials"] += 1
+        for k, v in (r.get("timings") or {}).items():
+            d[k] = d.get(k, 0.0) + float(v)
+    return out
+
+
 def choose_preset(quick: bool):
     from locaudit.study import PRESET_DIR, load_preset
 
@@ -160,9 +174,12 @@ def run(quick: bool) -> dict:
             count_fit_tokens(counts), Timer() as t:
         run_study(preset, Path(tmp) / "run", progress=False, judges=judges)
         run_json = json.loads((Path(tmp) / "run" / "run.json").read_text())
+        evals = eval_breakdown(Path(tmp) / "run")
     stages = run_json["stage_seconds"]
     for name, s in stages.items():
         print(f"STAGE {name} {s:.2f}", flush=True)
+    for name, d in evals.items():
+        log(f"quick: {name}: " + ", ".join(f"{k} {v:.1f}" + ("s" if k != "trials" else "") for k, v in d.items()))
     m, tr, inf = counts["model"], counts["train"], counts["infer"]
     T_train = tr["prefix"] + tr["rows_padded"]
     T_inf = inf["prefix"] + inf["rows_padded"]
@@ -183,7 +200,7 @@ def run(quick: bool) -> dict:
     return {
         "what": "whole study preset via run_study; stage seconds; IPO training stage's fraction of matmul peak",
         "preset": preset_note, "judges": judge_note, "wall_seconds": t.seconds,
-        "stage_seconds": stages, "n_val_questions": run_json.get("n_val_questions"),
+        "stage_seconds": stages, "eval_breakdown_seconds": evals, "n_val_questions": run_json.get("n_val_questions"),
         "n_test_questions": run_json.get("n_test_questions"), "arch": run_json.get("arch"),
         "peak": peak, "model_params": m, "fits": counts["fits"],
         "tokens": {"train": tr, "infer": inf, "T_train": T_train, "T_infer": T_inf},

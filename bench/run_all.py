@@ -74,7 +74,16 @@ def main(argv=None) -> int:
         summary["benchmarks"][name] = entry
     summary["seconds"] = time.perf_counter() - t_all
     summary["loadavg_end"] = loadavg()
-    result_path("summary", args.quick).write_text(json.dumps(summary, indent=2) + "\n")
+    path = result_path("summary", args.quick)
+    if args.only and path.is_file():  # a partial run updates its benchmarks' entries and keeps the others
+        try:
+            old = json.loads(path.read_text())
+            runs = old.get("runs", [])
+            runs.append({k: summary[k] for k in ("machine", "seconds", "loadavg_end")} | {"only": names})
+            summary = {**old, "benchmarks": {**old.get("benchmarks", {}), **summary["benchmarks"]}, "runs": runs}
+        except (json.JSONDecodeError, OSError):
+            pass
+    path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"# done in {summary['seconds']:.0f}s; load average {summary['loadavg_end']}")
     for name, e in summary["benchmarks"].items():
         print(f"#   {name:10s} " + (f"ratio {e['ratio']:.2f}  ({e['seconds']:.0f}s)" if "ratio" in e
