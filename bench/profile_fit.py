@@ -30,7 +30,7 @@ def main():
     from locaudit.data.formats import PromptFormat
     from locaudit.heads import random_heads
     from locaudit.interventions import LocalizedRank1
-    from locaudit.scoring import batch_answer_logprobs, collate, prefix_kv
+    from locaudit.scoring import batch_answer_logprobs, batch_tokens, collate, prefix_kv
     from locaudit.training import FitConfig, encode_pairs, margin, preference_loss, reference_logprobs
 
     info = machine_info()
@@ -72,8 +72,9 @@ def main():
         t = time.perf_counter()
         opt.step()
         parts["optimizer"] += time.perf_counter() - t
-        parts["tokens_rows_padded"] += int(batch["input_ids"].numel())
-        parts["tokens_rows_real"] += int(batch["attention_mask"].sum())
+        counted = batch_tokens(batch)
+        parts["tokens_rows_padded"] += counted["padded"]
+        parts["tokens_rows_real"] += counted["real"]
         parts["tokens_prefix"] += len(enc.prefix)
 
     def new_parts():

@@ -11,8 +11,9 @@ training stage gets to the machine's matmul throughput.
 - Peak: the best fp32 `torch.mm` FLOP/s over square 1024 and 2048 matmuls (2 n^3 FLOPs each), at the
   benchmark's thread count.
 - Training FLOPs, counted by instrumenting the calls `fit` makes (no locaudit edit): every training step
-  runs the shared prefix once (batch 1, with grad, under the edit) and the batch's 2 x 4 rows (chosen and
-  rejected, right-padded); T_train = sum over steps of (prefix tokens + padded row tokens). Counted as
+  runs the shared prefix once (batch 1, with grad, under the edit), the batch's distinct prompts, then its
+  2 x 4 answers (chosen and rejected, right-padded; `scoring._forward` calls); T_train = sum over steps of
+  (prefix tokens + padded prompt and answer tokens). Counted as
   6 x N x T_train with N = all model parameters (tied embedding counted once), the usual training estimate.
   Forward-only work inside the stage (pi0 log-probs, validation evaluations) is counted separately as
   2 x N x T_infer. Because base weights are frozen (no weight gradients, so backward is ~2 N per token, not 4 N)
@@ -107,23 +108,34 @@ def count_fit_tokens(counts: dict):
         return prefix_kv
 
     def wrap_rows(orig):
-        def batch_answer_logprobs(lm, batch, kv=None):
+        def _forward(lm, ids, mask, pos, cache):
             if state["in_fit"]:
                 c = counts[kind()]
-                c["rows_padded"] += int(batch["input_ids"].numel())
-                c["rows_real"] += int(batch["attention_mask"].sum())
-                c["answer"] += int(batch["tgt"].numel())
-            return orig(lm, batch, kv)
-        return batch_answer_logprobs
+                c["rows_padded"] += int(ids.numel())
+                T = ids.shape[1]
+                if mask.dim() == 2:  # (B, past + T): the last T columns are this call's tokens
+                    c["rows_real"] += int(mask[:, -T:].sum())
+                else:  # 4D own-token mask (B, 1, T, S): a real query token attends to itself, padding does not
+                    j = torch.arange(T)
+                    c["rows_real"] += int(mask[:, 0, j, mask.shape[-1] - T + j].sum())
+            return orig(lm, ids, mask, pos, cache)
+        return _forward
+
+    def wrap_head(orig):
+        def _token_logprobs(lm, hidden, targets):
+            if state["in_fit"]:
+                counts[kind()]["answer"] += int(targets.numel())
+            return orig(lm, hidden, targets)
+        return _token_logprobs
 
     saved = [(training, "fit", orig_fit), (training, "prefix_kv", training.prefix_kv),
-             (training, "batch_answer_logprobs", training.batch_answer_logprobs),
-             (scoring, "prefix_kv", scoring.prefix_kv), (scoring, "batch_answer_logprobs", scoring.batch_answer_logprobs)]
+             (scoring, "prefix_kv", scoring.prefix_kv), (scoring, "_forward", scoring._forward),
+             (scoring, "_token_logprobs", scoring._token_logprobs)]
     training.fit = fit
     training.prefix_kv = wrap_prefix(training.prefix_kv)
-    training.batch_answer_logprobs = wrap_rows(training.batch_answer_logprobs)
     scoring.prefix_kv = wrap_prefix(scoring.prefix_kv)
-    scoring.batch_answer_logprobs = wrap_rows(scoring.batch_answer_logprobs)
+    scoring._forward = wrap_rows(scoring._forward)
+    scoring._token_logprobs = wrap_head(scoring._token_logprobs)
     try:
         yield counts
     finally:

@@ -53,6 +53,10 @@ class Intervention(nn.Module):
     def merge(self, lm: LoadedModel) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def is_identity(self) -> bool:
+        """Whether the edit provably leaves the model unchanged (e.g. at initialisation)."""
+        return False
+
     def config(self) -> dict:
         return {"kind": self.kind}
 
@@ -76,6 +80,9 @@ class NoEdit(Intervention):
 
     def merge(self, lm: LoadedModel) -> None:
         pass
+
+    def is_identity(self) -> bool:
+        return True
 
 
 class ITI(Intervention):
@@ -120,6 +127,9 @@ class ITI(Intervention):
         for l, v in self.layer_shifts(arch).items():
             W = arch.W(l)
             arch.add_to_bias(l, W.float() @ v.to(W.device))
+
+    def is_identity(self) -> bool:
+        return self.alpha == 0.0
 
     def config(self) -> dict:
         return {"kind": self.kind, "heads": self.heads.names, "alpha": self.alpha, "label": self.heads.label}
@@ -179,6 +189,10 @@ class LocalizedRank1(Intervention):
             a, b = self.a[str(l)].detach().float().to(W.device), self.b(l).detach().float().to(W.device)
             arch.add_to_W(l, torch.outer(W @ b, a))
 
+    def is_identity(self) -> bool:
+        """b = 0 (as at initialisation) makes <a, o> W b vanish."""
+        return all(not bool(p.detach().any()) for p in self.b_s.values())
+
     def config(self) -> dict:
         return {"kind": self.kind, "heads": self.heads.names, "label": self.heads.label}
 
@@ -227,6 +241,9 @@ class FullRank1(Intervention):
         for l in self.layers:
             W = lm.arch.W(l)
             lm.arch.add_to_W(l, (self.B[str(l)].detach().float() @ self.A[str(l)].detach().float()).to(W.device))
+
+    def is_identity(self) -> bool:
+        return all(not bool(p.detach().any()) for p in self.B.values())
 
     def config(self) -> dict:
         return {"kind": self.kind, "heads": "all (full rank-1 LoRA)", "label": "full"}

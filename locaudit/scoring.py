@@ -1,21 +1,36 @@
 """Answer log-probabilities: the one forward pass shared by MC scoring, pi0 caching and IPO training.
 
-A scored example is (shared prefix ids, prompt ids, answer ids). The prefix (BOS, and for the `qa` format the
-instruction and few-shot primer, ~230 tokens) is the same for every example, so it runs once per batch
-(`prefix_kv`) and its keys/values are broadcast to the batch. The rest is right-padded in length-sorted
-batches, and the LM head is applied only at the positions that predict answer tokens: prompt positions
-never pay for the (vocab-sized) output layer.
+A scored example is (shared prefix ids, prompt ids, answer ids). Work is shared at two levels, so no token is
+run twice within a batch:
+- the *prefix* (BOS, and for the `qa` format the instruction and few-shot primer, ~230 tokens) is the same for
+  every example: it runs once (`prefix_kv`, batch 1) and every row attends to its keys/values in place
+  (`shared_prefix`), without a per-row copy;
+- the *prompt* (`Q: {question}\\nA:`) is shared by all answers to one question (a preference pair's chosen and
+  rejected answers, an MC question's choices): each distinct prompt of a batch runs once on top of the prefix,
+  and every answer row then attends to the prefix and its own prompt's keys/values.
+Rows are right-padded in length-sorted batches; padding between a prompt and its answer is masked out and
+position ids count real tokens only, so every answer token sees exactly the context, at exactly the positions,
+it would see in one full-sequence pass. The LM head is applied only at the positions that predict answer
+tokens (the last prompt position predicts the first answer token): prompt positions never pay for the
+vocab-sized output layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from locaudit.data.formats import PromptFormat
 from locaudit.models import LoadedModel, cache_kwarg, logits_from_hidden
+from locaudit.shared_prefix import own_mask, shared_prefix
+
+
+# Bumped whenever the arithmetic of scoring changes (batching, attention path), so that cached log-probs
+# (pi0) computed by an older version, equal only up to float rounding, are not mixed with new ones.
+SCORING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,27 +64,65 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def grouped_batches(examples: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Batches of `batch_size` examples, longest prompts first, with the answers to one prompt kept together
+    (and sorted by length) so that each prompt runs once per batch."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].prompt), examples[i].prompt,
+                                                         -len(examples[i].answer)))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(list(s))
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def collate(examples: Sequence[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input ids and mask, plus flat (row, position, target) indices of every answer token.
-    Every prompt must be non-empty (the first answer token is predicted from the last prompt position)."""
-    T = max(len(e) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    rows, pos, tgt = [], [], []
-    for i, e in enumerate(examples):
-        seq = e.prompt + e.answer
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        start = len(e.prompt)
-        for j, tok in enumerate(e.answer):
-            rows.append(i)
-            pos.append(start + j - 1)  # hidden state at t predicts token t+1
-            tgt.append(tok)
+    """One batch in the two-level layout.
+
+    prompt_ids / prompt_mask: the G distinct prompts (right-padded); answer_ids / answer_mask: for each of the
+    R examples, its answer without the last token (the last token is predicted, never fed), right-padded;
+    group: each example's prompt row. Scored positions: the first answer token of example r is predicted at
+    prompt row group[r], position len(prompt)-1 (`first_pos`); answer token j >= 1 at answer row `rest_rows`,
+    position j-1 (`rest_pos`), with targets `first_tgt` / `rest_tgt`. Every prompt must be non-empty."""
+    prompts: dict[tuple[int, ...], int] = {}
+    for e in examples:
+        if not e.prompt:
+            raise ValueError("every scored example needs a non-empty prompt")
+        prompts.setdefault(e.prompt, len(prompts))
+    group = [prompts[e.prompt] for e in examples]
+    plist = list(prompts)
+    p_ids, p_mask = _right_padded(plist, pad_id)
+    a_ids, a_mask = _right_padded([e.answer[:-1] for e in examples], pad_id)
+    rest_rows, rest_pos, rest_tgt = [], [], []
+    for r, e in enumerate(examples):
+        for j in range(1, len(e.answer)):
+            rest_rows.append(r)
+            rest_pos.append(j - 1)
+            rest_tgt.append(e.answer[j])
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    g = t(group)
     return {
-        "input_ids": ids.to(device), "attention_mask": mask.to(device),
-        "rows": torch.tensor(rows, device=device), "pos": torch.tensor(pos, device=device),
-        "tgt": torch.tensor(tgt, device=device),
+        "prompt_ids": p_ids.to(device), "prompt_mask": p_mask.to(device),
+        "answer_ids": a_ids.to(device), "answer_mask": a_mask.to(device), "group": g,
+        "prompt_len": p_mask.sum(1).to(device),
+        "first_pos": t([len(plist[i]) - 1 for i in group]), "first_tgt": t([e.answer[0] for e in examples]),
+        "rest_rows": t(rest_rows), "rest_pos": t(rest_pos), "rest_tgt": t(rest_tgt),
     }
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Token counts of a collated batch (for throughput accounting): padded and real input tokens, and
+    scored answer tokens."""
+    return {"padded": int(batch["prompt_ids"].numel() + batch["answer_ids"].numel()),
+            "real": int(batch["prompt_mask"].sum() + batch["answer_mask"].sum()),
+            "answer": int(batch["first_tgt"].numel() + batch["rest_tgt"].numel())}
 
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -86,58 +139,156 @@ def prefix_kv(lm: LoadedModel, prefix: Sequence[int]) -> PrefixKV | None:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _expanded_cache(lm: LoadedModel, kv: PrefixKV, batch_size: int):
+def _cache_of(lm: LoadedModel, kv: PrefixKV | None = None, rows: torch.Tensor | None = None):
+    """A fresh cache, holding the rows `rows` of a batched per-layer kv when given."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=lm.model.config)
-    for l, (k, v) in enumerate(kv):
-        cache.update(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:]), l)
+    for l, (k, v) in enumerate(kv or []):
+        cache.update(k.index_select(0, rows), v.index_select(0, rows), l)
     return cache
 
 
-def body(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, kv: PrefixKV | None = None) -> torch.Tensor:
-    """Last hidden states of right-padded rows that continue the shared prefix `kv` (if any)."""
-    if kv is None:
-        return lm.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    B, T = input_ids.shape
-    P = kv[0][0].shape[-2]
-    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
-    pos = torch.arange(P, P + T, device=input_ids.device).expand(B, T)
-    body_model = lm.model.base_model
-    return body_model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                      **{cache_kwarg(body_model): _expanded_cache(lm, kv, B)}).last_hidden_state
+def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
+    """Body forward of rows continuing `cache`; returns (last hidden states, per-layer kv of the rows' own
+    tokens)."""
+    body = lm.model.base_model
+    out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg(body): cache})
+    cache = out["cache"] if "cache" in out.keys() else out.past_key_values
+    return out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def answer_hidden(lm: LoadedModel, batch: dict[str, torch.Tensor], kv: PrefixKV | None = None) -> torch.Tensor:
+    """Hidden states at every scored position of a collated batch, in the order first tokens (one per example),
+    then `rest_*`. Level 1 runs the distinct prompts after the prefix `kv`; level 2 runs the answers after
+    their prompts. The prefix is attended once per batch (`shared_prefix`), never copied into rows."""
+    with shared_prefix(lm, kv) if kv else contextlib.nullcontext():
+        return _answer_hidden(lm, batch, kv[0][0].shape[-2] if kv else 0)
+
+
+def _answer_hidden(lm: LoadedModel, batch: dict[str, torch.Tensor], P: int) -> torch.Tensor:
+    # with a prefix (P > 0) masks are 4D over the rows' own tokens (`own_mask`); without, plain 2D masks
+    def mask_for(m2d, q_len):
+        return own_mask(m2d, q_len) if P else m2d
+
+    p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
+    G, Tp = p_ids.shape
+    dev = p_ids.device
+    pos1 = torch.arange(P, P + Tp, device=dev).expand(G, Tp)
+    hp, kv1 = _forward(lm, p_ids, mask_for(p_mask, Tp), pos1, _cache_of(lm))
+    group = batch["group"]
+    h_first = hp[group, batch["first_pos"]]
+    a_ids, a_mask = batch["answer_ids"], batch["answer_mask"]
+    if a_ids.shape[1] == 0 or batch["rest_rows"].numel() == 0:
+        return h_first
+    Ta = a_ids.shape[1]
+    mask2 = torch.cat([p_mask.index_select(0, group), a_mask], dim=1)
+    pos2 = P + batch["prompt_len"].index_select(0, group)[:, None] + torch.arange(Ta, device=dev)
+    ha, _ = _forward(lm, a_ids, mask_for(mask2, Ta), pos2, _cache_of(lm, kv1, rows=group))
+    return torch.cat([h_first, ha[batch["rest_rows"], batch["rest_pos"]]], dim=0)
+
+
+def _token_logprobs(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | hidden) for each scored position: the LM head runs on these positions only."""
+    logits = logits_from_hidden(lm.model, hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def batch_answer_logprobs(lm: LoadedModel, batch: dict[str, torch.Tensor], kv: PrefixKV | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of answer-token log-probs, answer length) per row; differentiable w.r.t. any attached edit."""
-    hidden = body(lm, batch["input_ids"], batch["attention_mask"], kv)
-    h = hidden[batch["rows"], batch["pos"]]
-    logits = logits_from_hidden(lm.model, h).float()
-    token_lp = logits.gather(-1, batch["tgt"][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    n = batch["input_ids"].shape[0]
-    total = torch.zeros(n, device=token_lp.device, dtype=token_lp.dtype).index_add(0, batch["rows"], token_lp)
-    count = torch.zeros(n, device=token_lp.device).index_add(0, batch["rows"], torch.ones_like(token_lp))
+    """(sum of answer-token log-probs, answer length) per example; differentiable w.r.t. any attached edit."""
+    h = answer_hidden(lm, batch, kv)
+    tgt = torch.cat([batch["first_tgt"], batch["rest_tgt"]])[: h.shape[0]]
+    token_lp = _token_logprobs(lm, h, tgt)
+    n = batch["group"].shape[0]
+    rows = torch.cat([torch.arange(n, device=token_lp.device), batch["rest_rows"]])[: h.shape[0]]
+    total = torch.zeros(n, device=token_lp.device, dtype=token_lp.dtype).index_add(0, rows, token_lp)
+    count = torch.zeros(n, device=token_lp.device).index_add(0, rows, torch.ones_like(token_lp))
     return total, count
-
-
-def iter_batches(examples: Sequence[Encoded], batch_size: int) -> Iterator[list[int]]:
-    yield from length_batches([len(e) for e in examples], batch_size)
 
 
 @torch.inference_mode()
 def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[Encoded], batch_size: int = 16,
-                    progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs and answer lengths for every example, in input order (float64 on CPU)."""
+                    progress: str | None = None, chunk_prompts: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs and answer lengths for every example, in input order (float64 on CPU).
+
+    Inference only, so the two levels are batched independently, each sorted by its own length: the distinct
+    prompts (in chunks of `chunk_prompts`, whose own keys/values are kept), then all their answers, each row
+    attending to its prompt's stored keys/values. Padding then costs only masked attention keys, never
+    whole rows of queries. Identical examples (a preference pair set repeats each answer once per pair)
+    are scored once."""
     from tqdm.auto import tqdm
 
+    unique = list(dict.fromkeys(examples))
     kv = prefix_kv(lm, prefix)
-    total = torch.zeros(len(examples), dtype=torch.float64)
-    count = torch.zeros(len(examples), dtype=torch.float64)
-    pad = lm.tokenizer.pad_token_id
-    batches = list(iter_batches(examples, batch_size))
-    for idx in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        s, c = batch_answer_logprobs(lm, collate([examples[i] for i in idx], pad, lm.device), kv)
-        total[idx] = s.double().cpu()
-        count[idx] = c.double().cpu()
-    return total, count
+    P = kv[0][0].shape[-2] if kv else 0
+    dev, pad = lm.device, lm.tokenizer.pad_token_id
+    total = torch.zeros(len(unique), dtype=torch.float64)
+    count = torch.zeros(len(unique), dtype=torch.float64)
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(unique):
+        if not e.prompt:
+            raise ValueError("every scored example needs a non-empty prompt")
+        by_prompt.setdefault(e.prompt, []).append(i)
+    prompts = sorted(by_prompt, key=lambda p: (-len(p), p))
+
+    def mask_for(m2d, q_len):
+        return own_mask(m2d, q_len) if P else m2d
+
+    def add(idx: list[int], lp: torch.Tensor) -> None:
+        t = torch.tensor(idx, dtype=torch.long)
+        total.index_add_(0, t, lp.double().cpu())
+        count.index_add_(0, t, torch.ones(len(idx), dtype=torch.float64))
+
+    bar = tqdm(total=len(unique), desc=progress, disable=progress is None, leave=False)
+    with shared_prefix(lm, kv) if kv else contextlib.nullcontext():
+        for c in range(0, len(prompts), chunk_prompts):
+            chunk = prompts[c:c + chunk_prompts]
+            own: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for b in range(0, len(chunk), batch_size):  # level 1: prompts, and every answer's first token
+                ps = chunk[b:b + batch_size]
+                ids, mask = _right_padded(ps, pad)
+                T = ids.shape[1]
+                hp, kv1 = _forward(lm, ids.to(dev), mask_for(mask.to(dev), T),
+                                   torch.arange(P, P + T, device=dev).expand(len(ps), T), _cache_of(lm))
+                ex = [(r, i) for r, p in enumerate(ps) for i in by_prompt[p]]
+                rows = torch.tensor([r for r, _ in ex], device=dev)
+                last = torch.tensor([len(ps[r]) - 1 for r, _ in ex], device=dev)
+                tgt = torch.tensor([unique[i].answer[0] for _, i in ex], device=dev)
+                add([i for _, i in ex], _token_logprobs(lm, hp[rows, last], tgt))
+                for r, p in enumerate(ps):
+                    own[p] = [(k[r:r + 1, :, :len(p)], v[r:r + 1, :, :len(p)]) for k, v in kv1]
+            rest = sorted((i for p in chunk for i in by_prompt[p] if len(unique[i].answer) > 1),
+                          key=lambda i: (-len(unique[i].answer), unique[i].prompt))
+            for b in range(0, len(rest), batch_size):  # level 2: answers, sorted by length
+                idx = rest[b:b + batch_size]
+                ex = [unique[i] for i in idx]
+                Tp = max(len(e.prompt) for e in ex)
+                cache = _cache_of(lm)
+                for l in range(len(own[ex[0].prompt])):
+                    ks = [own[e.prompt][l][0] for e in ex]
+                    vs = [own[e.prompt][l][1] for e in ex]
+                    cache.update(_pad_cat(ks, Tp), _pad_cat(vs, Tp), l)
+                p_mask = torch.tensor([[1] * len(e.prompt) + [0] * (Tp - len(e.prompt)) for e in ex], device=dev)
+                a_ids, a_mask = _right_padded([e.answer[:-1] for e in ex], pad)
+                Ta = a_ids.shape[1]
+                plen = torch.tensor([len(e.prompt) for e in ex], device=dev)
+                ha, _ = _forward(lm, a_ids.to(dev), mask_for(torch.cat([p_mask, a_mask.to(dev)], 1), Ta),
+                                 P + plen[:, None] + torch.arange(Ta, device=dev), cache)
+                rr = [(r, j) for r, e in enumerate(ex) for j in range(1, len(e.answer))]
+                h = ha[torch.tensor([r for r, _ in rr], device=dev), torch.tensor([j - 1 for _, j in rr], device=dev)]
+                tgt = torch.tensor([ex[r].answer[j] for r, j in rr], device=dev)
+                add([idx[r] for r, _ in rr], _token_logprobs(lm, h, tgt))
+            bar.update(sum(len(by_prompt[p]) for p in chunk))
+    bar.close()
+    where = {e: i for i, e in enumerate(unique)}
+    back = torch.tensor([where[e] for e in examples], dtype=torch.long)
+    return total[back], count[back]
+
+
+def _pad_cat(parts: Sequence[torch.Tensor], T: int) -> torch.Tensor:
+    """Concatenate (1, heads, t_i, d) tensors along the batch, right-padding each to T positions with zeros."""
+    out = parts[0].new_zeros(len(parts), parts[0].shape[1], T, parts[0].shape[3])
+    for r, x in enumerate(parts):
+        out[r, :, : x.shape[2]] = x[0]
+    return out

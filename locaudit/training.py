@@ -6,7 +6,8 @@ For a pair (x, y+, y-), with pi the edited model and pi0 the unedited one,
     DPO (Rafailov et al. 2023): loss = -log sigmoid(tau * h)
 log pi(y|x) is the mean of the answer tokens' log-probs by default (as TRL's `loss_type="ipo"`), or their
 sum (`average_logprobs=False`). Only answer tokens are scored. pi0's log-probs are computed once per
-dataset and cached on disk (they never change), so each step runs only the edited model.
+dataset and cached on disk (they never change), so each step runs only the edited model: the shared prefix
+once, each pair's prompt once for both of its answers, then the answers (`scoring`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from locaudit.data.formats import PromptFormat
 from locaudit.errors import LocauditError
 from locaudit.interventions import Intervention, NoEdit
 from locaudit.models import LoadedModel
-from locaudit.scoring import Encoded, answer_logprobs, batch_answer_logprobs, collate, encode, encode_prefix, prefix_kv
+from locaudit.scoring import SCORING_VERSION, Encoded, answer_logprobs, batch_answer_logprobs, collate, encode, encode_prefix, prefix_kv
 from locaudit.storage import atomic_write, cache_dir, stable_hash
 
 OBJECTIVES = ("ipo", "dpo")
@@ -126,7 +127,8 @@ def reference_logprobs(lm: LoadedModel, enc: EncodedPairs, batch_size: int = 16,
     """pi0's summed answer log-probs and lengths for chosen and rejected answers; cached on disk by
     (model, dtype, token ids) and validated on read, so each dataset is scored by pi0 exactly once."""
     dtype = str(next(lm.model.parameters()).dtype)
-    path = cache_dir() / "pi0" / f"{stable_hash({'model': lm.name, 'dtype': dtype, 'pairs': enc.key})}.pt"
+    key = {'model': lm.name, 'dtype': dtype, 'pairs': enc.key, 'scoring': SCORING_VERSION}
+    path = cache_dir() / "pi0" / f"{stable_hash(key)}.pt"
     if path.is_file():
         try:
             ref = torch.load(path, weights_only=True)
@@ -183,6 +185,11 @@ def evaluate_pairs(lm: LoadedModel, edit: Intervention, enc: EncodedPairs, ref: 
             hs.append(h.double().cpu())
     loss, h = torch.cat(losses), torch.cat(hs)
     return {"loss": float(loss.mean()), "pref_acc": preference_accuracy(h), "margin": float(h.mean())}
+
+
+def identity_eval(cfg: FitConfig) -> dict[str, float]:
+    """`evaluate_pairs` of an edit that changes nothing: h = 0 on every pair."""
+    return {"loss": float(preference_loss(torch.zeros(()), cfg.objective, cfg.tau)), "pref_acc": 0.5, "margin": 0.0}
 
 
 TIE_TOL = 1e-4
@@ -248,7 +255,9 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     history: list[dict] = []
-    start = evaluate_pairs(lm, edit, enc_val, ref_val, cfg)
+    # An edit that starts as the identity (LoRA init: b = 0) has h = 0 on every pair, so its validation row is
+    # known exactly without a forward pass: loss(0), preference accuracy 1/2 (all ties).
+    start = (identity_eval(cfg) if edit.is_identity() else evaluate_pairs(lm, edit, enc_val, ref_val, cfg))
     history.append({"step": 0, "epoch": 0.0, "val_loss": start["loss"], "val_pref_acc": start["pref_acc"]})
     best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
     eval_points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))

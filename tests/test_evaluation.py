@@ -298,7 +298,7 @@ class ScriptedHead:
     ("\n Paris.\nQ: next", False, "Paris.", len("\n Paris.\n")),  # a leading newline does not stop it
     (" It is Q: no", False, "It is", len(" It is Q:")),         # stops at an inline "Q:"
     (" Yes", True, "Yes", len(" Yes")),                        # stops at EOS (not returned)
-    (" go on and on and on", False, "go on and on", 12),        # max_new_tokens caps it
+    (" go on and on and on", False, "go on and o", 12),         # max_new_tokens caps it (12 byte tokens)
 ])
 def test_generation_stops_where_it_should(tiny_llama, script, eos, expected, n_tokens):
     lm = tiny_llama
@@ -400,7 +400,8 @@ def test_evaluate_combines_everything(tiny_llama, tmp_path):
     assert res["info_pct"] == pytest.approx(100 * (info_p >= 0.5).mean())
     assert res["truth_info"] == pytest.approx(truth_p.mean() * info_p.mean())
     assert res["truth_info_pct"] == pytest.approx(res["truth_pct"] * res["info_pct"] / 100)
-    assert res["mc1"] == mc["mc1"] and res["mc2"] == mc["mc2"]
+    # evaluate batched the MC answers 2 at a time, mc_scores 16: the same sums up to float rounding
+    assert res["mc1"] == mc["mc1"] and res["mc2"] == pytest.approx(mc["mc2"], rel=1e-5)
     assert res["ce"] == text["ce"] and res["kl"] == text["kl"] and res["kl"] > 0
     assert res["n_questions"] == 3 and res["edit"] == edit.heads.label and res["seconds"] > 0
     assert res["judge"] == {"truth": {"name": "truth"}, "info": {"name": "info"}}
@@ -414,8 +415,11 @@ def test_evaluate_combines_everything(tiny_llama, tmp_path):
     assert {r["edit"] for r in rows} == {edit.heads.label}
 
     again = evaluate(lm, edit, qs, "plain", judges=judges, text_metrics=tm, batch_size=3, progress=False)
-    for k in ("truth", "info", "truth_pct", "info_pct", "truth_info", "mc1", "mc2", "ce", "kl", "per_question"):
+    for k in ("truth", "info", "truth_pct", "info_pct", "truth_info", "mc1", "ce", "kl"):
         assert again[k] == res[k], k
+    for k, v in res["per_question"].items():  # MC sums differ across batch sizes by float rounding only
+        assert again["per_question"][k] == (pytest.approx(v, rel=1e-5) if k == "mc2" else v), k
+    assert again["mc2"] == pytest.approx(res["mc2"], rel=1e-5)
 
     base = evaluate(lm, None, qs, "plain", judges=judges, text_metrics=tm, progress=False)
     assert base["kl"] == 0.0 and base["edit"] == "none"

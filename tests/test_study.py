@@ -22,16 +22,28 @@ def tiny_preset():
 
 
 def run(tmp, name):
+    import torch
+
     from locaudit.experiments import run_study
 
     lm = make_tiny("llama")
-    return run_study(tiny_preset(), tmp / name, progress=False, lm=lm, judges=(HashJudge("truth"), HashJudge("info")))
+    # one thread, as in every unit test: the module fixture runs before the per-test thread setting, and float
+    # sums may round differently with another thread count
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_study(tiny_preset(), tmp / name, progress=False, lm=lm,
+                         judges=(HashJudge("truth"), HashJudge("info")))
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
-    run(tmp, "a")
+    with pytest.MonkeyPatch.context() as mp:  # module scope runs before the per-test cache isolation
+        mp.setenv("LOCAUDIT_CACHE", str(tmp / "cache"))
+        run(tmp, "a")
     return tmp
 
 

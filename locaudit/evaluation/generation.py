@@ -10,7 +10,8 @@ same prompt tokens.
 Batch layout. Each row is `[shared prefix | padding | rest of its prompt | generated tokens]`. The shared
 prefix is the longest token prefix common to every prompt of the call: for the `qa` format the instruction and
 6-shot primer (~230 tokens), for `chat` a template's system preamble, for `plain` just `<bos>Q:`. It is run
-once (batch 1) and its KV cache copied into every row, so each batch only runs the per-question remainder.
+once (batch 1) and every row attends to its keys/values in place (`shared_prefix`), so each batch only runs,
+and caches, the per-question remainder. A row that has finished leaves the batch.
 Padding sits between the prefix and the remainder (plain left padding when nothing is shared) and is masked
 out; position ids count real tokens only. Every row therefore attends to exactly the tokens, at exactly the
 positions, it would see if generated alone: the shared-prefix path computes the same function as naive left
@@ -21,7 +22,7 @@ reflects the attached edit.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -31,7 +32,8 @@ import torch
 from locaudit.data.formats import PromptFormat
 from locaudit.errors import LocauditError
 from locaudit.models import LoadedModel, cache_kwarg
-from locaudit.scoring import encode, encode_prefix, length_batches
+from locaudit.scoring import encode, encode_prefix, length_batches, prefix_kv
+from locaudit.shared_prefix import own_mask, shared_prefix
 from locaudit.storage import atomic_write_text
 
 MAX_NEW_TOKENS = 50  # ITI: max_length = len(prompt) + 50
@@ -100,15 +102,6 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _expand_cache(cache, batch: int):
-    """An independent copy of a batch-1 KV cache, repeated `batch` times along the batch dimension."""
-    out = copy.deepcopy(cache)
-    out.batch_repeat_interleave(batch)
-    return out
-
-
-
-
 def _forward(lm: LoadedModel, ids, attn, pos, cache):
     """One cached forward pass; returns (last-position logits, updated cache)."""
     out = lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -116,9 +109,23 @@ def _forward(lm: LoadedModel, ids, attn, pos, cache):
     return out.logits[:, -1], (out["cache"] if "cache" in out.keys() else out.past_key_values)
 
 
-def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: int, prefix_cache,
+def _select_rows(lm: LoadedModel, cache, rows: torch.Tensor):
+    """A cache holding only the given batch rows of `cache`."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=lm.model.config)
+    for l, layer in enumerate(cache.layers):
+        out.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), l)
+    return out
+
+
+def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: int, prefix_kv,
                     max_new_tokens: int, stop_ids: set[int], finished: Callable[[list[int]], bool] | None) -> list[list[int]]:
-    """Greedy continuation of `[prefix | padding | rest]` rows; returns each row's new tokens (stop token excluded)."""
+    """Greedy continuation of `[prefix | padding | rest]` rows; returns each row's new tokens (stop token excluded).
+    Rows attend to the batch-1 prefix in place (`shared_prefix`); their caches hold their own tokens only. A row
+    that has finished leaves the batch, so later steps compute only the rows still generating."""
+    from transformers import DynamicCache
+
     device = lm.device
     B, S = len(rests), max(len(r) for r in rests)
     pad = lm.tokenizer.pad_token_id
@@ -128,29 +135,35 @@ def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: i
         ids[i, S - len(r):] = torch.tensor(list(r), dtype=torch.long)
         mask[i, S - len(r):] = 1
     # real tokens get positions n_prefix, n_prefix+1, ...; padding gets a harmless in-range position (it is masked)
-    pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=0)
-    attn = torch.cat([torch.ones((B, n_prefix), dtype=torch.long), mask], dim=1).to(device)
-    cache = _expand_cache(prefix_cache, B) if n_prefix else None
-    logits, cache = _forward(lm, ids.to(device), attn, pos.to(device), cache)
-    next_pos = pos[:, -1:].to(device) + 1
+    pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    own = mask.to(device)  # 2D mask over each row's own tokens (padding 0)
+
+    def step(feed, positions, cache):
+        attn = own_mask(own, feed.shape[1]) if n_prefix else own
+        return _forward(lm, feed, attn, positions, cache)
+
+    logits, cache = step(ids.to(device), pos, DynamicCache(config=lm.model.config))
+    next_pos = pos[:, -1:] + 1
     generated: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    for step in range(max_new_tokens):
+    live = list(range(B))  # original row index of each batch row still generating
+    for t in range(max_new_tokens):
         nxt = logits.argmax(-1).tolist()
-        for i in range(B):
-            if done[i]:
+        keep = []
+        for r, i in enumerate(live):
+            if nxt[r] in stop_ids:
                 continue
-            if nxt[i] in stop_ids:
-                done[i] = True
-                continue
-            generated[i].append(nxt[i])
-            if finished is not None and finished(generated[i]):
-                done[i] = True
-        if all(done) or step == max_new_tokens - 1:
+            generated[i].append(nxt[r])
+            if finished is None or not finished(generated[i]):
+                keep.append(r)
+        if not keep or t == max_new_tokens - 1:
             break
-        feed = torch.tensor([[pad if d else t] for d, t in zip(done, nxt)], dtype=torch.long, device=device)
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        logits, cache = _forward(lm, feed, attn, next_pos, cache)
+        if len(keep) < len(live):
+            rows = torch.tensor(keep, device=device)
+            cache, own, next_pos = _select_rows(lm, cache, rows), own.index_select(0, rows), next_pos.index_select(0, rows)
+            live = [live[r] for r in keep]
+            nxt = [nxt[r] for r in keep]
+        own = torch.cat([own, own.new_ones(len(live), 1)], dim=1)
+        logits, cache = step(torch.tensor(nxt, dtype=torch.long, device=device)[:, None], next_pos, cache)
         next_pos = next_pos + 1
     return generated
 
@@ -179,16 +192,13 @@ def greedy_generate(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_t
     stops = set(stop_token_ids(lm) if stop_ids is None else stop_ids)
     # every row keeps at least one token of its own, so its last prompt position is computed in the batch pass
     n_prefix = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
-    prefix_cache = None
-    if n_prefix:
-        prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=lm.device)
-        _, prefix_cache = _forward(lm, prefix, torch.ones_like(prefix), torch.arange(n_prefix, device=lm.device)[None],
-                                   None)
+    kv = prefix_kv(lm, prompts[0][:n_prefix]) if n_prefix else None
     results: list[list[int] | None] = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False) as bar:
+    with tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False) as bar, \
+            (shared_prefix(lm, kv) if kv else contextlib.nullcontext()):
         for idx in length_batches([len(p) for p in prompts], batch_size):
             rests = [prompts[i][n_prefix:] for i in idx]
-            for i, g in zip(idx, _generate_batch(lm, rests, n_prefix, prefix_cache, max_new_tokens, stops, finished)):
+            for i, g in zip(idx, _generate_batch(lm, rests, n_prefix, kv, max_new_tokens, stops, finished)):
                 results[i] = g
             bar.update(len(idx))
     return results  # type: ignore[return-value]

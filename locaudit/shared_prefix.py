@@ -1,0 +1,119 @@
+"""Attention to a prefix that every row of a batch shares, computed once for the whole batch.
+
+Scoring, training and generation prepend the same prefix to every row (the `qa` format's instruction and
+six-shot primer, ~230 tokens). Broadcasting its keys/values into a per-row KV cache makes every row copy and
+read the whole prefix in every layer (twice more under grouped-query attention, whose keys are repeated per
+query head); for short answers that memory traffic, not the matmuls, dominates. Inside
+`shared_prefix(lm, kv)` the model's attention instead splits each query's softmax into the prefix part,
+computed against the batch-1 prefix keys/values for all rows in one matmul, and the row's own part (its cached
+and new tokens), under one normaliser:
+
+    attn(q) = (sum_p e^{s_p} v_p + sum_j e^{s_j} v_j) / (sum_p e^{s_p} + sum_j e^{s_j}),   s = scaling * q.k
+
+which is exactly softmax attention over [prefix; own tokens] (every prefix token precedes every row token, so
+the prefix part needs no mask). Per-row caches then hold the row's own tokens only, and callers pass a 4D
+boolean mask over those (`own_mask`); the model's own mask construction passes 4D masks through unchanged.
+Gemma-2 style logit soft-capping is applied; a sliding window shorter than the whole sequence is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from locaudit.errors import LocauditError
+from locaudit.models import LoadedModel
+
+NAME = "locaudit_shared_prefix"
+_ATTR = "_locaudit_prefix_kv"
+
+PrefixKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+               sliding_window=None, **kwargs):
+    """HF attention-interface function: query (B, H, Tq, d), key/value (B, kvh, S, d) of the row's own tokens,
+    attention_mask (B, 1, Tq, S) bool (True = attend) or None (causal); returns ((B, Tq, H, d), None)."""
+    kp, vp = getattr(module.config, _ATTR)[module.layer_idx]
+    B, H, Tq, d = query.shape
+    kvh, S, P = key.shape[1], key.shape[2], kp.shape[2]
+    if sliding_window is not None and P + S > sliding_window:
+        raise LocauditError(f"sequence of {P + S} tokens is longer than the model's sliding attention window "
+                            f"({sliding_window}); use a shorter prompt format (e.g. --format plain)")
+    g = H // kvh
+    scale = scaling if scaling is not None else d ** -0.5
+    # layout (kvh, B, g*Tq, .): query head k*g + i reads kv head k
+    q = query.reshape(B, kvh, g * Tq, d).transpose(0, 1)
+    s_p = torch.matmul(q.reshape(kvh, B * g * Tq, d), kp[0].transpose(-1, -2)).view(kvh, B, g * Tq, P)
+    s_o = torch.matmul(q, key.transpose(0, 1).transpose(-1, -2))
+    s_p, s_o = s_p.float() * scale, s_o.float() * scale
+    if softcap is not None:
+        s_p, s_o = torch.tanh(s_p / softcap) * softcap, torch.tanh(s_o / softcap) * softcap
+    if attention_mask is None:  # causal over the own tokens, the queries being the last Tq of S
+        attention_mask = torch.ones(Tq, S, dtype=torch.bool, device=query.device).tril(S - Tq)[None, None]
+    if attention_mask.dtype != torch.bool:  # an additive float mask
+        attention_mask = attention_mask == 0
+    keep = attention_mask.expand(B, 1, Tq, S).unsqueeze(2).expand(B, 1, g, Tq, S).reshape(B, 1, g * Tq, S)
+    s_o = s_o.masked_fill(~keep.transpose(0, 1), float("-inf"))
+    m = torch.maximum(s_p.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True))
+    e_p, e_o = torch.exp(s_p - m), torch.exp(s_o - m)
+    z = e_p.sum(-1, keepdim=True) + e_o.sum(-1, keepdim=True)
+    p_p, p_o = (e_p / z).to(value.dtype), (e_o / z).to(value.dtype)
+    if dropout:
+        p_p = torch.nn.functional.dropout(p_p, dropout, training=True)
+        p_o = torch.nn.functional.dropout(p_o, dropout, training=True)
+    out = torch.matmul(p_p.reshape(kvh, B * g * Tq, P), vp[0]).view(kvh, B, g * Tq, d)
+    out = out + torch.matmul(p_o, value.transpose(0, 1))
+    # (kvh, B, g, Tq, d) -> (B, Tq, kvh * g, d)
+    return out.view(kvh, B, g, Tq, d).permute(1, 3, 0, 2, 4).reshape(B, Tq, H, d), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, _attention)
+
+
+def _attention_configs(lm: LoadedModel) -> list:
+    """The distinct config objects the attention modules read (a multimodal model has a text sub-config)."""
+    configs = {}
+    for m in lm.model.modules():
+        if hasattr(m, "layer_idx") and hasattr(m, "config"):
+            configs[id(m.config)] = m.config
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def shared_prefix(lm: LoadedModel, kv: PrefixKV) -> Iterator[None]:
+    """Run the model's attention against the batch-1 prefix `kv` (per layer (keys, values), as `scoring.prefix_kv`
+    returns them) for every row, for the duration of the block. Forwards inside must pass per-row caches that
+    hold only the rows' own tokens, and 4D masks from `own_mask`."""
+    if not kv:
+        raise ValueError("shared_prefix needs a non-empty prefix")
+    _register()
+    configs = _attention_configs(lm)
+    saved = [(c, c._attn_implementation, getattr(c, _ATTR, None)) for c in configs]
+    try:
+        for c in configs:
+            object.__setattr__(c, _ATTR, list(kv))
+            c._attn_implementation = NAME
+        yield
+    finally:
+        for c, impl, old in saved:
+            c._attn_implementation = impl
+            if old is None:
+                if hasattr(c, _ATTR):
+                    object.__delattr__(c, _ATTR)
+            else:
+                object.__setattr__(c, _ATTR, old)
+
+
+def own_mask(mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """4D boolean mask (B, 1, q_len, S) for the last `q_len` of a row's own S tokens: causal, and never
+    attending to positions where the 2D `mask` (B, S) is 0 (padding)."""
+    B, S = mask.shape
+    causal = torch.ones(q_len, S, dtype=torch.bool, device=mask.device).tril(S - q_len)
+    return causal[None, None] & mask.bool()[:, None, None, :]
