@@ -72,7 +72,8 @@ def main(argv=None) -> int:
             print(f"FAILED {name} (exit status {rc})", flush=True)
             status = 1 if status in (0, 3) else status
         summary["benchmarks"][name] = entry
-    summary["seconds"] = time.perf_counter() - t_all
+    elapsed = time.perf_counter() - t_all
+    summary["seconds"] = elapsed
     summary["loadavg_end"] = loadavg()
     path = result_path("summary", args.quick)
     if args.only and path.is_file():  # a partial run updates its benchmarks' entries and keeps the others
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         except (json.JSONDecodeError, OSError):
             pass
     path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"# done in {summary['seconds']:.0f}s; load average {summary['loadavg_end']}")
+    print(f"# done in {elapsed:.0f}s; load average {loadavg()}")
     for name, e in summary["benchmarks"].items():
         print(f"#   {name:10s} " + (f"ratio {e['ratio']:.2f}  ({e['seconds']:.0f}s)" if "ratio" in e
                                     else e.get("skipped", f"failed (exit {e.get('returncode')})")))
