@@ -156,6 +156,14 @@ def cmd_eval(args) -> None:
 
 
 def cmd_judge(args) -> None:
+    if args.action == "run":
+        from locaudit.experiments import judge_run
+        from locaudit.report import console_summary
+
+        if args.run_dir is None:
+            raise LocauditError("`locaudit judge run` needs the run directory: locaudit judge run RUN_DIR")
+        print(console_summary(args.run_dir, judge_run(args.run_dir, args.judge)))
+        return
     from locaudit.evaluation.judges import judge_report
 
     rep = judge_report(args.judge, data_dir=args.data_dir)
@@ -169,13 +177,18 @@ def cmd_run(args) -> None:
     from locaudit.study import load_preset, with_overrides
 
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
-                            data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed)
+                            data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed,
+                            judge=args.judge)
     check_preset(preset)
     preset.data.load_split()  # bad data fails now, before the model is loaded
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     from locaudit.report import console_summary
 
-    results = run_study(preset, out)
+    results = run_study(preset, out, workers=args.workers)
+    if results.get("deferred"):
+        print(f"stored the answers of {results['n_trials']} trials in {out} without judging them (--judge none); "
+              f"score them and write the report with: locaudit judge run {out}")
+        return
     print(console_summary(out, results))
 
 
@@ -247,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=50)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("judge", help="train (once) and report the truth and info judges' held-out accuracy")
-    p.add_argument("action", choices=["report"])
+    p = sub.add_parser("judge", help="report the judges' held-out accuracy (`judge report`), or score a run made with "
+                                      "--judge none and write its report (`judge run RUN_DIR`)")
+    p.add_argument("action", choices=["report", "run"])
+    p.add_argument("run_dir", type=Path, nargs="?", default=None, help="with `run`: the run directory to judge")
     p.add_argument("--judge", default="default")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_judge)
@@ -260,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, default=None)
     p.add_argument("--limit-questions", type=_positive_int, default=None)
     p.add_argument("--seed", type=_nonneg_int, default=None)
+    p.add_argument("--judge", default=None, help="the preset's judge (default); `none` stores answers only, to be "
+                                                 "scored later by `locaudit judge run DIR` (e.g. on a machine without judges)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes that run arms in parallel (default: one per CPU core, up to 8; 1 on a GPU)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild results and report.html from a run directory")

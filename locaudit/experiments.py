@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -153,22 +153,19 @@ def _software() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None = None, judges=None) -> dict:
+def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None = None, judges=None,
+              workers: int | None = None) -> dict:
     """The paper's protocol as one resumable job (see `study.plan_arms`): probe, ITI and optimal edits at
     the probe heads and at random heads, full alignment, single heads, the unedited baseline; each arm's
     hyper-parameter chosen on validation questions and reported on test questions; then statistics and the
     report. Every finished trial is a file under `out/trials`; rerunning skips it. `lm` and `judges` may be
-    passed in (already loaded) instead of being loaded from the preset."""
-    from tqdm.auto import tqdm
-
-    from locaudit.data.examples import preference_pairs
+    passed in (already loaded) instead of being loaded from the preset. Arms run in `workers` processes
+    (default: one per CPU core, one on a GPU; see `runner`)."""
     from locaudit.evaluation.lm_metrics import text_metrics_for
-    from locaudit.evaluation.metrics import evaluate
-    from locaudit.interventions import ITI, NoEdit, load_intervention
     from locaudit.report import write_report
+    from locaudit.runner import StudyContext, default_workers, run_arms
     from locaudit.storage import read_json
-    from locaudit.study import edit_dir, grid, plan_arms, trial_path
-    from locaudit.training import fit, fit_summary
+    from locaudit.study import plan_arms
 
     out = prepare_out_dir(out)
     t_start = time.time()
@@ -182,10 +179,9 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
     atomic_write_json(prev, config_record)
 
     t0 = time.time()
+    given_judges = judges
     lm = lm or load(preset.model)
     split = preset.data.load_split()
-    val_q = split.val[: preset.study.max_val_questions] if preset.study.max_val_questions else split.val
-    test_q = split.test[: preset.study.max_test_questions] if preset.study.max_test_questions else split.test
     stage_seconds["load"] = time.time() - t0
 
     t0 = time.time()
@@ -202,7 +198,9 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
     stage_seconds["probe"] = time.time() - t0
 
     t0 = time.time()
-    if judges is None:
+    # judge "none": store answers only (e.g. on a GPU machine without the judges); `judge_run` scores them later
+    deferred = judges is None and preset.eval.judge == "none"
+    if judges is None and not deferred:
         from locaudit.evaluation.judges import load_judges
 
         judges = load_judges(preset.eval.judge, data_dir=preset.data.data_dir, progress=progress)
@@ -214,81 +212,88 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
     stage_seconds["text_reference"] = time.time() - t0
 
     arms = plan_arms(preset.study, probes.ranking, lm.arch.n_layers, lm.arch.n_heads, preset.data.seed)
-    train_pairs, val_pairs = preference_pairs(split.train), preference_pairs(split.val)
-    work = sum((len(grid(a, preset.study)) if len(grid(a, preset.study)) > 1 else 0) + 1 for a in arms)
-    bar = tqdm(total=work, desc="study trials", disable=not progress)
-    stage_seconds.update({"iti": 0.0, "ipo_train": 0.0, "ipo_eval": 0.0, "baseline": 0.0})
-
-    def get_edit(arm, value):
-        if arm.method == "none":
-            return NoEdit()
-        if arm.method == "iti":
-            return ITI.from_probes(arm.heads, probes, value)
-        d = edit_dir(out, arm, value)
-        if (d / "edit.json").is_file():
-            try:
-                return load_intervention(d, lm.arch)
-            except LocauditError:
-                pass  # damaged edit files: refit below
-        t = time.time()
-        cfg = replace(preset.fit, tau=value)
-        edit = make_edit(lm, arm.heads, seed=preset.data.seed)
-        n_heads = None if arm.heads is None else len(arm.heads)
-        result = fit(lm, edit, train_pairs, val_pairs, cfg, n_heads=n_heads, progress=progress)
-        summary = {"model": lm.name, "edit_label": arm.name, "split_hash": split.hash, **fit_summary(result)}
-        result.edit.save(d, extra=summary)
-        stage_seconds["ipo_train"] += time.time() - t
-        return result.edit
-
-    def run_trial(arm, value, split_name):
-        path = trial_path(out, arm, value, split_name)
-        if path.is_file():
-            try:
-                bar.update(1)
-                return read_json(path)
-            except LocauditError:
-                pass  # unreadable: redo the trial
-        edit = get_edit(arm, value)
-        t = time.time()
-        qs = val_q if split_name == "val" else test_q
-        # validation trials only select the hyper-parameter (by True*Info): MC and CE/KL are test-only
-        m = evaluate(lm, edit, qs, preset.eval.fmt, judges=judges, mc=preset.eval.mc and split_name == "test",
-                     text_metrics=text if split_name == "test" else None, batch_size=preset.eval.batch_size,
-                     max_new_tokens=preset.eval.max_new_tokens, edit_name=arm.name, progress=False)
-        fit_seconds = 0.0
-        if arm.method in ("ipo", "full"):
-            meta = read_json(edit_dir(out, arm, value) / "edit.json")
-            fit_seconds = meta.get("seconds", 0.0)
-            m["fit"] = {k: meta.get(k) for k in ("best", "val_start", "n_train_pairs", "n_val_pairs", "seconds")}
-        m.update({"arm": arm.name, "group": arm.group, "method": arm.method,
-                  "heads": "all" if arm.heads is None and arm.method == "full" else ("" if arm.heads is None else arm.heads.spec()),
-                  "alpha": value if arm.method == "iti" else None,
-                  "tau": value if arm.method in ("ipo", "full") else None,
-                  "split": split_name, "eval_seconds": time.time() - t, "fit_seconds": fit_seconds})
-        key = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}[arm.method]
-        stage_seconds[key] += time.time() - t
-        atomic_write_json(path, m)
-        bar.update(1)
-        return m
-
-    selections = {}
-    for arm in arms:
-        values = grid(arm, preset.study)
-        if len(values) > 1:
-            val_rows = [run_trial(arm, v, "val") for v in values]
-            best = max(range(len(values)), key=lambda i: (val_rows[i]["truth_info"], -i))
-            chosen = values[best]
-        else:
-            chosen = values[0]
-        selections[arm.name] = chosen
-        run_trial(arm, chosen, "test")
-    bar.close()
+    t0 = time.time()
+    if any(a.method in ("ipo", "full") for a in arms):
+        _reference_once(lm, split, preset.fit, progress)  # every fit shares pi0: compute (or load) it once, here
+    stage_seconds["pi0"] = time.time() - t0
+    ctx = StudyContext(preset, out, lm, probes, None if deferred else judges, text, split)
+    workers = default_workers(lm.device) if workers is None else max(1, int(workers))
+    t0 = time.time()
+    selections, arm_seconds = run_arms(ctx, arms, workers, progress=progress, judge_spec=given_judges)
+    stage_seconds.update(arm_seconds)  # per stage, summed over workers
+    stage_seconds["arms_wall"] = time.time() - t0
     stage_seconds["total"] = time.time() - t_start
-    atomic_write_json(out / "run.json", {"selections": selections, "stage_seconds": stage_seconds,
-                                         "split_hash": split.hash, "n_val_questions": len(val_q),
-                                         "n_test_questions": len(test_q), "model": lm.name,
+    selections = {a.name: selections.get(a.name) for a in arms}  # plan order
+    atomic_write_json(out / "run.json", {"selections": selections, "judged": not deferred,
+                                         "stage_seconds": stage_seconds, "workers": workers,
+                                         "split_hash": split.hash, "n_val_questions": len(ctx.val_q),
+                                         "n_test_questions": len(ctx.test_q), "model": lm.name,
                                          "arch": {"n_layers": lm.arch.n_layers, "n_heads": lm.arch.n_heads,
                                                   "head_dim": lm.arch.head_dim, "family": lm.arch.family.name}})
+    if deferred:
+        return {"deferred": True, "run_dir": str(out), "n_trials": len(list((out / "trials").glob("*/*.json")))}
+    return write_report(out)
+
+
+def _reference_once(lm: LoadedModel, split, cfg, progress: bool) -> None:
+    """pi0's log-probs of the pairs every fit of the study uses (cached on disk, so each fit only loads them)."""
+    from locaudit.data.examples import preference_pairs
+    from locaudit.training import prepare_pairs
+
+    prepare_pairs(lm, preference_pairs(split.train), preference_pairs(split.val), cfg, progress=progress)
+
+
+def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
+    """Finish a run made with judge "none" (answers generated where no judge was available): score every stored
+    answer with `judge`, choose each arm's hyper-parameter on the validation questions, and write the report.
+    Each trial is rewritten atomically when scored, so an interrupted call resumes; a trial scored by another
+    judge version is scored again, so one report never mixes judges."""
+    from tqdm.auto import tqdm
+
+    from locaudit.evaluation.judges import load_judges
+    from locaudit.evaluation.metrics import judge_answers, judged_fields
+    from locaudit.report import load_trials, write_report
+    from locaudit.storage import read_json
+    from locaudit.study import select_value
+
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        raise LocauditError(f"{out} is not a locaudit run directory (no config.json); give the --out of `locaudit run`")
+    if not (out / "run.json").is_file():
+        raise LocauditError(f"the run in {out} has not finished; rerun the same `locaudit run` command to finish it")
+    config, run = read_json(out / "config.json"), read_json(out / "run.json")
+    judges = load_judges(judge, data_dir=config["preset"]["data"].get("data_dir"), progress=progress)
+    infos = {"truth": judges[0].info(), "info": judges[1].info()}
+    versions = (infos["truth"].get("version"), infos["info"].get("version"))
+    paths = sorted((out / "trials").glob("*/*.json"))
+    for path in tqdm(paths, desc="judging answers", disable=not progress, leave=False):
+        r = read_json(path)
+        done = r.get("judge") or {}
+        if r.get("truth") is not None and (done.get("truth", {}).get("version"), done.get("info", {}).get("version")) == versions:
+            continue
+        pq = r["per_question"]
+        t, i = judge_answers(judges, pq["question"], pq["answer"])
+        r.update(judged_fields(t, i))
+        pq["truth_p"], pq["info_p"] = t.tolist(), i.tolist()
+        r["judge"] = infos
+        atomic_write_json(path, r)
+    study = config["preset"]["study"]
+    order = {"iti": [float(a) for a in study["alphas"]], "ipo": [float(t) for t in study["taus"]],
+             "full": [float(t) for t in study["taus"]]}
+    by_arm: dict[str, list[dict]] = {}
+    for r in load_trials(out):
+        by_arm.setdefault(r["arm"], []).append(r)
+    selections = {}
+    for name, rows in by_arm.items():
+        method = rows[0]["method"]
+        key = "alpha" if method == "iti" else "tau"
+        val = sorted((r for r in rows if r["split"] == "val"), key=lambda r: order[method].index(float(r[key])))
+        if val:
+            selections[name] = select_value(tuple(r[key] for r in val), val)
+        else:
+            selections[name] = next((r.get(key) for r in rows if r["split"] == "test"), None) if method != "none" else None
+    run.update(selections=selections, judged=True)
+    atomic_write_json(out / "run.json", run)
     return write_report(out)
 
 

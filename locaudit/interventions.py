@@ -215,15 +215,20 @@ class LocalizedRank1(Intervention):
 
 
 class FullRank1(Intervention):
-    """Ordinary rank-1 LoRA on every layer's W^l: output += B^l (A^l o^l)  (the full-alignment baseline)."""
+    """Ordinary rank-1 LoRA on every layer's W^l: output += B^l (A^l o^l)  (the full-alignment baseline).
+    `layers` restricts it to some layers (what PEFT's `layers_to_transform` does; used to compare with TRL)."""
 
     kind = "full"
 
-    def __init__(self, arch: Arch, seed: int = 0):
+    def __init__(self, arch: Arch, seed: int = 0, layers: list[int] | None = None):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         width = arch.n_heads * arch.head_dim
-        self.layers = list(range(arch.n_layers))
+        self.all_layers = layers is None
+        self.layers = list(range(arch.n_layers)) if layers is None else sorted(set(layers))
+        bad = [l for l in self.layers if not 0 <= l < arch.n_layers]
+        if bad:
+            raise LocauditError(f"layer {bad[0]} is out of range: this model has layers 0..{arch.n_layers - 1}")
         self.A = nn.ParameterDict({str(l): nn.Parameter(_lora_a_init(width, g).view(1, width)) for l in self.layers})
         self.B = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(arch.d_model, 1)) for l in self.layers})
 
@@ -246,7 +251,10 @@ class FullRank1(Intervention):
         return all(not bool(p.detach().any()) for p in self.B.values())
 
     def config(self) -> dict:
-        return {"kind": self.kind, "heads": "all (full rank-1 LoRA)", "label": "full"}
+        if self.all_layers:
+            return {"kind": self.kind, "heads": "all (full rank-1 LoRA)", "label": "full"}
+        return {"kind": self.kind, "heads": f"all heads of layers {self.layers} (rank-1 LoRA)", "label": "layers",
+                "layers": self.layers}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"A.{l}": self.A[str(l)] for l in self.layers}, **{f"B.{l}": self.B[str(l)] for l in self.layers}}
@@ -277,7 +285,7 @@ def load_intervention(path: Path, arch: Arch) -> Intervention:
             edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch)
             edit.load_tensors(tensors)
         elif kind == "full":
-            edit = FullRank1(arch)
+            edit = FullRank1(arch, layers=meta.get("layers"))
             edit.load_tensors(tensors)
         elif kind == "iti":
             heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))

@@ -27,6 +27,22 @@ def load_trials(run_dir: Path) -> list[dict]:
     return rows
 
 
+def selected_tests(trials: list[dict], selections: dict, run_dir: Path) -> dict[str, dict]:
+    """Each arm's test trial at its hyper-parameter chosen on validation (a run made with judge "none" keeps a
+    test trial per value until `locaudit judge` has chosen)."""
+    if any(r.get("truth") is None for r in trials):
+        raise LocauditError(f"{run_dir} holds answers that are not judged yet (a run with --judge none); "
+                            f"score them with `locaudit judge {run_dir}`")
+    tests: dict[str, dict] = {}
+    for r in trials:
+        if r["split"] != "test":
+            continue
+        hp = r["alpha"] if r["method"] == "iti" else r["tau"]
+        if r["arm"] not in selections or selections[r["arm"]] == hp:
+            tests[r["arm"]] = r
+    return tests
+
+
 def _per_q(row: dict) -> tuple[np.ndarray, np.ndarray]:
     pq = row["per_question"]
     return np.asarray(pq["truth_p"], float), np.asarray(pq["info_p"], float)
@@ -82,7 +98,8 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0) -> dict:
 def console_summary(run_dir: Path, results: dict) -> str:
     """What `locaudit run` prints at the end: S*, one steered vs unsteered answer, and the verdicts."""
     run_dir = Path(run_dir)
-    tests = {r["arm"]: r for r in load_trials(run_dir) if r["split"] == "test"}
+    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    tests = selected_tests(load_trials(run_dir), run.get("selections", {}), run_dir)
     lines = []
     top = next((r for r in tests.values() if r["method"] == "iti" and r["group"] == "top"), None)
     if top is not None:
@@ -115,7 +132,7 @@ def write_report(run_dir: Path) -> dict:
     trials = load_trials(run_dir)
     if not trials:
         raise LocauditError(f"{run_dir} has no finished trials yet; run `locaudit run --out {run_dir}`")
-    tests = {r["arm"]: r for r in trials if r["split"] == "test"}
+    tests = selected_tests(trials, selections, run_dir)
     n_boot = config["preset"]["study"].get("n_boot", 2000)
 
     rows = []

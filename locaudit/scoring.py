@@ -72,7 +72,7 @@ def grouped_batches(examples: Sequence[Encoded], batch_size: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -98,8 +98,8 @@ def collate(examples: Sequence[Encoded], pad_id: int, device) -> dict[str, torch
         prompts.setdefault(e.prompt, len(prompts))
     group = [prompts[e.prompt] for e in examples]
     plist = list(prompts)
-    p_ids, p_mask = _right_padded(plist, pad_id)
-    a_ids, a_mask = _right_padded([e.answer[:-1] for e in examples], pad_id)
+    p_ids, p_mask = right_padded(plist, pad_id)
+    a_ids, a_mask = right_padded([e.answer[:-1] for e in examples], pad_id)
     rest_rows, rest_pos, rest_tgt = [], [], []
     for r, e in enumerate(examples):
         for j in range(1, len(e.answer)):
@@ -139,17 +139,19 @@ def prefix_kv(lm: LoadedModel, prefix: Sequence[int]) -> PrefixKV | None:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _cache_of(lm: LoadedModel, kv: PrefixKV | None = None, rows: torch.Tensor | None = None):
-    """A fresh cache, holding the rows `rows` of a batched per-layer kv when given."""
+def new_cache(lm: LoadedModel, kv: PrefixKV | None = None, rows: torch.Tensor | None = None):
+    """A fresh cache holding the per-layer (keys, values) `kv` (only its batch rows `rows`, when given)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=lm.model.config)
     for l, (k, v) in enumerate(kv or []):
-        cache.update(k.index_select(0, rows), v.index_select(0, rows), l)
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        cache.update(k, v, l)
     return cache
 
 
-def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
+def forward_rows(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
     """Body forward of rows continuing `cache`; returns (last hidden states, per-layer kv of the rows' own
     tokens)."""
     body = lm.model.base_model
@@ -175,7 +177,7 @@ def _answer_hidden(lm: LoadedModel, batch: dict[str, torch.Tensor], P: int) -> t
     G, Tp = p_ids.shape
     dev = p_ids.device
     pos1 = torch.arange(P, P + Tp, device=dev).expand(G, Tp)
-    hp, kv1 = _forward(lm, p_ids, mask_for(p_mask, Tp), pos1, _cache_of(lm))
+    hp, kv1 = forward_rows(lm, p_ids, mask_for(p_mask, Tp), pos1, new_cache(lm))
     group = batch["group"]
     h_first = hp[group, batch["first_pos"]]
     a_ids, a_mask = batch["answer_ids"], batch["answer_mask"]
@@ -184,7 +186,7 @@ def _answer_hidden(lm: LoadedModel, batch: dict[str, torch.Tensor], P: int) -> t
     Ta = a_ids.shape[1]
     mask2 = torch.cat([p_mask.index_select(0, group), a_mask], dim=1)
     pos2 = P + batch["prompt_len"].index_select(0, group)[:, None] + torch.arange(Ta, device=dev)
-    ha, _ = _forward(lm, a_ids, mask_for(mask2, Ta), pos2, _cache_of(lm, kv1, rows=group))
+    ha, _ = forward_rows(lm, a_ids, mask_for(mask2, Ta), pos2, new_cache(lm, kv1, rows=group))
     return torch.cat([h_first, ha[batch["rest_rows"], batch["rest_pos"]]], dim=0)
 
 
@@ -247,10 +249,10 @@ def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[E
             own: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for b in range(0, len(chunk), batch_size):  # level 1: prompts, and every answer's first token
                 ps = chunk[b:b + batch_size]
-                ids, mask = _right_padded(ps, pad)
+                ids, mask = right_padded(ps, pad)
                 T = ids.shape[1]
-                hp, kv1 = _forward(lm, ids.to(dev), mask_for(mask.to(dev), T),
-                                   torch.arange(P, P + T, device=dev).expand(len(ps), T), _cache_of(lm))
+                hp, kv1 = forward_rows(lm, ids.to(dev), mask_for(mask.to(dev), T),
+                                   torch.arange(P, P + T, device=dev).expand(len(ps), T), new_cache(lm))
                 ex = [(r, i) for r, p in enumerate(ps) for i in by_prompt[p]]
                 rows = torch.tensor([r for r, _ in ex], device=dev)
                 last = torch.tensor([len(ps[r]) - 1 for r, _ in ex], device=dev)
@@ -264,16 +266,14 @@ def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[E
                 idx = rest[b:b + batch_size]
                 ex = [unique[i] for i in idx]
                 Tp = max(len(e.prompt) for e in ex)
-                cache = _cache_of(lm)
-                for l in range(len(own[ex[0].prompt])):
-                    ks = [own[e.prompt][l][0] for e in ex]
-                    vs = [own[e.prompt][l][1] for e in ex]
-                    cache.update(_pad_cat(ks, Tp), _pad_cat(vs, Tp), l)
+                cache = new_cache(lm, [(stack_kv([own[e.prompt][l][0] for e in ex], Tp),
+                                        stack_kv([own[e.prompt][l][1] for e in ex], Tp))
+                                       for l in range(len(own[ex[0].prompt]))])
                 p_mask = torch.tensor([[1] * len(e.prompt) + [0] * (Tp - len(e.prompt)) for e in ex], device=dev)
-                a_ids, a_mask = _right_padded([e.answer[:-1] for e in ex], pad)
+                a_ids, a_mask = right_padded([e.answer[:-1] for e in ex], pad)
                 Ta = a_ids.shape[1]
                 plen = torch.tensor([len(e.prompt) for e in ex], device=dev)
-                ha, _ = _forward(lm, a_ids.to(dev), mask_for(torch.cat([p_mask, a_mask.to(dev)], 1), Ta),
+                ha, _ = forward_rows(lm, a_ids.to(dev), mask_for(torch.cat([p_mask, a_mask.to(dev)], 1), Ta),
                                  P + plen[:, None] + torch.arange(Ta, device=dev), cache)
                 rr = [(r, j) for r, e in enumerate(ex) for j in range(1, len(e.answer))]
                 h = ha[torch.tensor([r for r, _ in rr], device=dev), torch.tensor([j - 1 for _, j in rr], device=dev)]
@@ -286,9 +286,12 @@ def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[E
     return total[back], count[back]
 
 
-def _pad_cat(parts: Sequence[torch.Tensor], T: int) -> torch.Tensor:
-    """Concatenate (1, heads, t_i, d) tensors along the batch, right-padding each to T positions with zeros."""
-    out = parts[0].new_zeros(len(parts), parts[0].shape[1], T, parts[0].shape[3])
+def stack_kv(parts: Sequence[torch.Tensor | None], T: int) -> torch.Tensor:
+    """Concatenate (1, heads, t_i, d) tensors along the batch, right-padding each to T positions with zeros
+    (None: a row with no positions of its own)."""
+    like = next(x for x in parts if x is not None)
+    out = like.new_zeros(len(parts), like.shape[1], T, like.shape[3])
     for r, x in enumerate(parts):
-        out[r, :, : x.shape[2]] = x[0]
+        if x is not None:
+            out[r, :, : x.shape[2]] = x[0]
     return out

@@ -146,6 +146,12 @@ def grid(arm: Arm, study: StudySettings) -> tuple[float | None, ...]:
     return {"alpha": study.alphas, "tau": study.taus}.get(arm.grid_name, (None,))
 
 
+def select_value(values: tuple[float | None, ...], val_rows: list[dict]) -> float | None:
+    """The hyper-parameter with the best validation True*Info (ties: the earlier grid value)."""
+    best = max(range(len(values)), key=lambda i: (val_rows[i]["truth_info"], -i))
+    return values[best]
+
+
 def trial_path(run_dir: Path, arm: Arm, value: float | None, split: str) -> Path:
     hp = "none" if value is None else f"{arm.grid_name}{value:g}"
     return Path(run_dir) / "trials" / arm.name / f"{hp}.{split}.json"
@@ -156,7 +162,8 @@ def edit_dir(run_dir: Path, arm: Arm, tau: float) -> Path:
 
 
 def with_overrides(preset: Preset, **kw) -> Preset:
-    """Command-line overrides: model/device/dtype/data_dir/limit_questions/seed (None = keep)."""
+    """Command-line overrides: model/device/dtype/data_dir/limit_questions/seed/judge (None = keep)."""
     model = replace(preset.model, **{k: v for k, v in kw.items() if k in ("model", "device", "dtype") and v is not None})
     data = replace(preset.data, **{k: v for k, v in kw.items() if k in ("data_dir", "limit_questions", "seed") and v is not None})
-    return replace(preset, model=model, data=data)
+    ev = replace(preset.eval, **({"judge": kw["judge"]} if kw.get("judge") is not None else {}))
+    return replace(preset, model=model, data=data, eval=ev)

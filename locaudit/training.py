@@ -56,6 +56,7 @@ class FitConfig:
     evals_per_epoch: int = 1
     fmt: str = "qa"
     seed: int = 0
+    shuffle: bool = True  # False: batches in input order (to compare step by step with another trainer)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -220,6 +221,19 @@ def _subsample(pairs: Sequence[PreferencePair], k: int | None, seed: int) -> lis
     return [pairs[i] for i in sorted(idx)]
 
 
+def prepare_pairs(lm: LoadedModel, train_pairs: Sequence[PreferencePair], val_pairs: Sequence[PreferencePair],
+                  cfg: FitConfig, progress: bool = True) -> tuple[EncodedPairs, dict, EncodedPairs, dict]:
+    """The pairs a fit uses (subsampled as `cfg` says), tokenised, with pi0's log-probs (cached on disk)."""
+    fmt = PromptFormat(cfg.fmt)
+    train_pairs = _subsample(train_pairs, cfg.max_train_pairs, cfg.seed)
+    val_pairs = _subsample(val_pairs, cfg.max_val_pairs, cfg.seed + 1)
+    if not train_pairs or not val_pairs:
+        raise LocauditError("no training or validation preference pairs; raise --limit-questions")
+    enc_train, enc_val = encode_pairs(lm, train_pairs, fmt), encode_pairs(lm, val_pairs, fmt)
+    return (enc_train, reference_logprobs(lm, enc_train, progress=progress),
+            enc_val, reference_logprobs(lm, enc_val, progress=progress))
+
+
 def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePair],
         val_pairs: Sequence[PreferencePair], cfg: FitConfig, n_heads: int | None = None,
         progress: bool = True) -> FitResult:
@@ -227,14 +241,7 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     validation loss (the starting point counts as a checkpoint)."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    fmt = PromptFormat(cfg.fmt)
-    train_pairs = _subsample(train_pairs, cfg.max_train_pairs, cfg.seed)
-    val_pairs = _subsample(val_pairs, cfg.max_val_pairs, cfg.seed + 1)
-    if not train_pairs or not val_pairs:
-        raise LocauditError("no training or validation preference pairs; raise --limit-questions")
-    enc_train, enc_val = encode_pairs(lm, train_pairs, fmt), encode_pairs(lm, val_pairs, fmt)
-    ref_train = reference_logprobs(lm, enc_train, progress=progress)
-    ref_val = reference_logprobs(lm, enc_val, progress=progress)
+    enc_train, ref_train, enc_val, ref_val = prepare_pairs(lm, train_pairs, val_pairs, cfg, progress)
 
     params = [p for p in edit.parameters() if p.requires_grad]
     if not params:
@@ -266,7 +273,9 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     bar = tqdm(total=total, desc=f"fit {edit.kind}", disable=not progress, leave=False)
     edit.train()
     for epoch in range(cfg.epochs):
-        for idx in bucketed_batches(lengths, cfg.batch_size, rng):
+        order = (bucketed_batches(lengths, cfg.batch_size, rng) if cfg.shuffle else
+                 [list(range(i, min(i + cfg.batch_size, len(lengths)))) for i in range(0, len(lengths), cfg.batch_size)])
+        for idx in order:
             with edit.attach(lm):
                 loss, h = _pair_forward(lm, enc_train, ref_train, idx, cfg)
                 loss = loss.mean()

@@ -88,9 +88,9 @@ def patched(hang_at_trial: int = 0):
 
     orig_run, orig_write, threads = ex.run_study, storage.atomic_write, torch.get_num_threads()
 
-    def run_study(preset, out, progress=True, lm=None, judges=None):
+    def run_study(preset, out, progress=True, lm=None, judges=None, workers=None):
         return orig_run(preset, out, progress=False, lm=lm or make_tiny("llama"),
-                        judges=judges or (HashJudge("truth"), HashJudge("info")))
+                        judges=judges or (HashJudge("truth"), HashJudge("info")), workers=workers or 1)
 
     n_trials = [0]
 

@@ -69,21 +69,22 @@ def _input_of(lm, edit, layer):
 
 
 def test_merge_equals_hook_and_roundtrip(tiny, tmp_path):
-    for edit in (randomise(LocalizedRank1(parse_heads("L0H1,L2H3,L2H0", 3, 4), tiny.arch), 1),
-                 randomise(FullRank1(tiny.arch), 2)):
+    for n, edit in enumerate((randomise(LocalizedRank1(parse_heads("L0H1,L2H3,L2H0", 3, 4), tiny.arch), 1),
+                              randomise(FullRank1(tiny.arch), 2), randomise(FullRank1(tiny.arch, layers=[0, 2]), 3))):
         fresh = make_tiny(tiny.arch.model_type)
         with edit.attach(fresh):
             hooked = logits(fresh)
-        edit.save(tmp_path / edit.kind)
-        loaded = load_intervention(tmp_path / edit.kind, fresh.arch)
+        edit.save(tmp_path / f"{edit.kind}{n}")
+        loaded = load_intervention(tmp_path / f"{edit.kind}{n}", fresh.arch)
+        assert loaded.layers == edit.layers
         with loaded.attach(fresh):
             assert torch.allclose(logits(fresh), hooked, atol=1e-5)
         loaded.merge(fresh)
         assert torch.allclose(logits(fresh), hooked, atol=1e-3, rtol=1e-3)
-        fresh.model.save_pretrained(tmp_path / f"merged-{edit.kind}")
+        fresh.model.save_pretrained(tmp_path / f"merged-{edit.kind}{n}")
         from transformers import AutoModelForCausalLM
 
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"merged-{edit.kind}", attn_implementation="eager")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"merged-{edit.kind}{n}", attn_implementation="eager")
         ids = fresh.tokenizer("Q: is the sky blue?\nA: yes it is", return_tensors="pt")
         with torch.no_grad():
             assert torch.allclose(reloaded(**ids).logits, hooked, atol=1e-3, rtol=1e-3)
@@ -138,3 +139,29 @@ def test_bad_fit_config():
     for kw in ({"tau": 0}, {"tau": -1}, {"objective": "kto"}, {"epochs": 0}, {"lr": -1.0}, {"batch_size": 0}):
         with pytest.raises(LocauditError):
             FitConfig(**kw)
+
+
+def test_identity_start_is_exact_and_order_option(tiny_llama):
+    """The analytic start row of a fit equals evaluating the identity edit; shuffle=False keeps input order."""
+    from locaudit.data.formats import PromptFormat
+    from locaudit.training import encode_pairs, evaluate_pairs, identity_eval, reference_logprobs
+
+    lm = tiny_llama
+    cfg = FitConfig(tau=0.5, epochs=1, batch_size=4, lr=1e-1, fmt="plain", shuffle=False)
+    enc = encode_pairs(lm, toy_pairs(8, 100), PromptFormat("plain"))
+    ref = reference_logprobs(lm, enc, progress=False)
+    for edit in (LocalizedRank1(parse_heads("L1H0", 3, 4), lm.arch), FullRank1(lm.arch, layers=[1])):
+        assert edit.is_identity()
+        measured = evaluate_pairs(lm, edit, enc, ref, cfg)
+        assert measured["loss"] == pytest.approx(identity_eval(cfg)["loss"], abs=1e-4)
+        assert measured["pref_acc"] == identity_eval(cfg)["pref_acc"] == 0.5
+    seen = []
+    from locaudit import training
+
+    real = training._pair_forward
+    try:
+        training._pair_forward = lambda lm_, enc_, ref_, idx, *a, **k: seen.append(list(idx)) or real(lm_, enc_, ref_, idx, *a, **k)
+        fit(lm, LocalizedRank1(parse_heads("L1H0", 3, 4), lm.arch), toy_pairs(10), toy_pairs(4, 100), cfg, progress=False)
+    finally:
+        training._pair_forward = real
+    assert seen[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # training batches in input order

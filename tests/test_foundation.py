@@ -32,8 +32,13 @@ def test_head_slicing_is_exact(tiny):
     """The captured o^l split by head equals a manual recomputation from the attention module."""
     from locaudit.activations import capture_last_token
 
-    texts = ["Q: a b c A: d", "Q: longer text here A: yes it is"]
+    # texts sharing a long prefix (one question's answers) run it once; a lone text; a text that is a prefix
+    # of another; batches that mix groups
+    texts = ["Q: a b c A: d", "Q: longer text here A: yes it is", "Q: longer text here A: no", "Q: longer text here A: no, it is not",
+             "Q: longer text here A:", "Q: other question entirely? A: maybe so"]
     acts = capture_last_token(tiny, texts, batch_size=2, progress=False)
+    assert np.array_equal(acts, capture_last_token(tiny, texts, batch_size=2, progress=False, chunk_groups=1)) or \
+        np.allclose(acts, capture_last_token(tiny, texts, batch_size=2, progress=False, chunk_groups=1), atol=1e-5)
     # manual: run each text alone, record the out_proj input at the last token
     arch = tiny.arch
     for i, t in enumerate(texts):
@@ -172,3 +177,12 @@ def test_probes_find_planted_signal():
     assert np.median(r.val_acc) < 0.65
     assert np.allclose(np.linalg.norm(r.directions, axis=-1), 1, atol=1e-5)
     assert r.directions[1, 2, 0] > 0.9 and r.sigmas[1, 2] > 2
+
+
+def test_shared_prefix_groups():
+    from locaudit.activations import shared_prefix_groups
+
+    enc = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [9, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8]]
+    groups = {tuple(g): n for n, g in shared_prefix_groups(enc, min_shared=8)}
+    # the three texts starting 1..8 share 7 tokens (the shortest keeps one of its own); [9, 9] is alone
+    assert groups == {(3, 0, 2): 7, (1,): 0}

@@ -21,7 +21,7 @@ def tiny_preset():
                    eval=replace(p.eval, max_new_tokens=6, text_docs=2, text_tokens=24))
 
 
-def run(tmp, name):
+def run(tmp, name, workers=1):
     import torch
 
     from locaudit.experiments import run_study
@@ -33,7 +33,7 @@ def run(tmp, name):
     torch.set_num_threads(1)
     try:
         return run_study(tiny_preset(), tmp / name, progress=False, lm=lm,
-                         judges=(HashJudge("truth"), HashJudge("info")))
+                         judges=(HashJudge("truth"), HashJudge("info")), workers=workers)
     finally:
         torch.set_num_threads(old)
 
@@ -120,3 +120,57 @@ def test_console_summary_shows_heads_and_steered_answer(study_dir):
     text = console_summary(study_dir / "a", json.loads((study_dir / "a" / "results.json").read_text()))
     assert text.startswith("S* (top 3 probe heads): L") and "unsteered: " in text and "ITI at S* (alpha " in text
     assert "ITI: S* scores" in text and "Optimal edit (IPO): S* scores" in text
+
+
+def test_deferred_judging_equals_inline(study_dir, monkeypatch):
+    """A run with judge "none" stores answers only (every alpha also on test); `judge_run` then scores them,
+    selects on validation and reports exactly what the inline-judged run "a" reported."""
+    import torch
+
+    from locaudit.evaluation import judges as judges_mod
+    from locaudit.experiments import judge_run, run_study
+    from locaudit.report import write_report
+    from locaudit.storage import read_json
+
+    preset = tiny_preset()
+    preset = replace(preset, eval=replace(preset.eval, judge="none"))
+    out = study_dir / "deferred"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_study(preset, out, progress=False, lm=make_tiny("llama"), workers=1)
+    finally:
+        torch.set_num_threads(old)
+    assert res["deferred"] is True
+    trials = [read_json(p) for p in (out / "trials").glob("*/*.json")]
+    assert trials and all(t["truth"] is None and t["mc1"] is not None or t["split"] == "val" for t in trials)
+    iti_tests = [t for t in trials if t["arm"] == "iti-top3" and t["split"] == "test"]
+    assert sorted(t["alpha"] for t in iti_tests) == [5.0, 15.0]  # both values kept for later selection
+    assert read_json(out / "run.json")["judged"] is False
+    with pytest.raises(Exception, match="locaudit judge"):
+        write_report(out)
+
+    monkeypatch.setattr(judges_mod, "load_judges", lambda *a, **k: (HashJudge("truth"), HashJudge("info")))
+    judge_run(out, progress=False)
+    inline = {(r["arm"], r["split"], r["alpha"], r["tau"]): r for r in read_csv(study_dir / "a" / "results.csv")}
+    for r in read_csv(out / "results.csv"):
+        if r["split"] == "test" and r["selected"] == "0":
+            continue  # the deferred run's extra test trials at values validation did not choose
+        ref = inline[(r["arm"], r["split"], r["alpha"], r["tau"])]
+        for k in ("heads", "truth", "info", "truth_info", "mc1", "ce", "kl", "n_questions", "selected"):
+            assert r[k] == ref[k], (r["arm"], k)
+        assert (r["mc2"] == ref["mc2"] == "") or float(r["mc2"]) == pytest.approx(float(ref["mc2"]), rel=1e-9)
+    assert read_json(out / "run.json")["selections"] == read_json(study_dir / "a" / "run.json")["selections"]
+    # judging again is a no-op on already-judged trials
+    before = {p: p.read_bytes() for p in (out / "trials").glob("*/*.json")}
+    judge_run(out, progress=False)
+    assert before == {p: p.read_bytes() for p in (out / "trials").glob("*/*.json")}
+
+
+def test_parallel_workers_give_the_same_results(study_dir):
+    """Arms in two worker processes: the same trials, selections and results as in one process."""
+    run(study_dir, "parallel", workers=2)
+    assert _without_seconds(study_dir / "parallel" / "results.csv") == _without_seconds(study_dir / "a" / "results.csv")
+    from locaudit.storage import read_json
+
+    assert read_json(study_dir / "parallel" / "run.json")["workers"] == 2

@@ -119,31 +119,58 @@ def _select_rows(lm: LoadedModel, cache, rows: torch.Tensor):
     return out
 
 
-def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: int, prefix_kv,
-                    max_new_tokens: int, stop_ids: set[int], finished: Callable[[list[int]], bool] | None) -> list[list[int]]:
-    """Greedy continuation of `[prefix | padding | rest]` rows; returns each row's new tokens (stop token excluded).
-    Rows attend to the batch-1 prefix in place (`shared_prefix`); their caches hold their own tokens only. A row
-    that has finished leaves the batch, so later steps compute only the rows still generating."""
+def _prefill(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: int):
+    """Run left-padded `[padding | rest]` rows after the prefix; returns (last logits, cache, own 2D mask,
+    next positions)."""
     from transformers import DynamicCache
 
     device = lm.device
     B, S = len(rests), max(len(r) for r in rests)
-    pad = lm.tokenizer.pad_token_id
-    ids = torch.full((B, S), pad, dtype=torch.long)
+    ids = torch.full((B, S), lm.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
     for i, r in enumerate(rests):
         ids[i, S - len(r):] = torch.tensor(list(r), dtype=torch.long)
         mask[i, S - len(r):] = 1
     # real tokens get positions n_prefix, n_prefix+1, ...; padding gets a harmless in-range position (it is masked)
     pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    own = mask.to(device)  # 2D mask over each row's own tokens (padding 0)
+    own = mask.to(device)
+    attn = own_mask(own, S) if n_prefix else own
+    logits, cache = _forward(lm, ids.to(device), attn, pos, DynamicCache(config=lm.model.config))
+    return logits, cache, own, pos[:, -1:] + 1
 
-    def step(feed, positions, cache):
-        attn = own_mask(own, feed.shape[1]) if n_prefix else own
-        return _forward(lm, feed, attn, positions, cache)
 
-    logits, cache = step(ids.to(device), pos, DynamicCache(config=lm.model.config))
-    next_pos = pos[:, -1:] + 1
+def _merge(lm: LoadedModel, parts: list) -> tuple:
+    """One decoding batch from several prefilled chunks: caches and masks left-padded to a common length."""
+    from transformers import DynamicCache
+
+    if len(parts) == 1:
+        return parts[0]
+    S = max(p[2].shape[1] for p in parts)
+
+    def left(x, dim):  # zero-pad x on the left of dimension `dim` up to S
+        pad = [0, 0] * (x.dim() - 1 - dim) + [S - x.shape[dim], 0]
+        return torch.nn.functional.pad(x, pad)
+
+    cache = DynamicCache(config=lm.model.config)
+    for l in range(len(parts[0][1].layers)):
+        cache.update(torch.cat([left(p[1].layers[l].keys, 2) for p in parts]),
+                     torch.cat([left(p[1].layers[l].values, 2) for p in parts]), l)
+    return (torch.cat([p[0] for p in parts]), cache, torch.cat([left(p[2], 1) for p in parts]),
+            torch.cat([p[3] for p in parts]))
+
+
+def _generate_batch(lm: LoadedModel, chunks: Sequence[Sequence[Sequence[int]]], n_prefix: int,
+                    max_new_tokens: int, stop_ids: set[int], finished: Callable[[list[int]], bool] | None) -> list[list[int]]:
+    """Greedy continuation of `[prefix | padding | rest]` rows; returns each row's new tokens (stop token excluded).
+
+    Each chunk (prompts of similar length) is prefilled on its own, so little padding is computed; then all
+    chunks decode together, one step for every row at once (a decoding step reads all the weights whatever the
+    number of rows). Rows attend to the batch-1 prefix in place (`shared_prefix`); their caches hold their own
+    tokens only. A row that has finished leaves the batch, so later steps compute only the rows still
+    generating."""
+    device = lm.device
+    logits, cache, own, next_pos = _merge(lm, [_prefill(lm, c, n_prefix) for c in chunks])
+    B = own.shape[0]
     generated: list[list[int]] = [[] for _ in range(B)]
     live = list(range(B))  # original row index of each batch row still generating
     for t in range(max_new_tokens):
@@ -163,7 +190,8 @@ def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: i
             live = [live[r] for r in keep]
             nxt = [nxt[r] for r in keep]
         own = torch.cat([own, own.new_ones(len(live), 1)], dim=1)
-        logits, cache = step(torch.tensor(nxt, dtype=torch.long, device=device)[:, None], next_pos, cache)
+        logits, cache = _forward(lm, torch.tensor(nxt, dtype=torch.long, device=device)[:, None],
+                                 own_mask(own, 1) if n_prefix else own, next_pos, cache)
         next_pos = next_pos + 1
     return generated
 
@@ -172,9 +200,10 @@ def _generate_batch(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: i
 def greedy_generate(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int = MAX_NEW_TOKENS,
                     batch_size: int = 16, finished: Callable[[list[int]], bool] | None = None,
                     stop_ids: Iterable[int] | None = None, share_prefix: bool = True,
-                    progress: str | None = None) -> list[list[int]]:
+                    progress: str | None = None, decode_rows: int = 64) -> list[list[int]]:
     """Greedy new tokens for each tokenised prompt, in input order (see the module docstring for the layout).
 
+    Prompts are prefilled `batch_size` at a time (sorted by length) and decoded up to `decode_rows` at a time.
     `finished(tokens) -> bool` is asked after every new token of a row; `stop_ids` (default: EOS and end-of-turn
     tokens) end a row without being returned. `share_prefix=False` runs every prompt in full (plain left padding).
     """
@@ -196,9 +225,14 @@ def greedy_generate(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_t
     results: list[list[int] | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False) as bar, \
             (shared_prefix(lm, kv) if kv else contextlib.nullcontext()):
-        for idx in length_batches([len(p) for p in prompts], batch_size):
-            rests = [prompts[i][n_prefix:] for i in idx]
-            for i, g in zip(idx, _generate_batch(lm, rests, n_prefix, kv, max_new_tokens, stops, finished)):
+        chunks = length_batches([len(p) for p in prompts], batch_size)
+        per_decode = max(1, decode_rows // batch_size)
+        for g0 in range(0, len(chunks), per_decode):
+            group = chunks[g0:g0 + per_decode]
+            idx = [i for c in group for i in c]
+            new = _generate_batch(lm, [[prompts[i][n_prefix:] for i in c] for c in group], n_prefix,
+                                  max_new_tokens, stops, finished)
+            for i, g in zip(idx, new):
                 results[i] = g
             bar.update(len(idx))
     return results  # type: ignore[return-value]

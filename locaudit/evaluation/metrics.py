@@ -55,6 +55,24 @@ def _judge(judge: Judge, questions: Sequence[str], answers: Sequence[str], name:
     return p
 
 
+def judged_fields(truth_p: np.ndarray | None, info_p: np.ndarray | None) -> dict:
+    """truth, truth_pct, info, info_pct, truth_info, truth_info_pct from per-answer judge probabilities
+    (all None without judges)."""
+    if truth_p is None or info_p is None:
+        return dict.fromkeys(("truth", "truth_pct", "info", "info_pct", "truth_info", "truth_info_pct"))
+    truth_p, info_p = np.asarray(truth_p, dtype=np.float64), np.asarray(info_p, dtype=np.float64)
+    truth, info = float(truth_p.mean()), float(info_p.mean())
+    truth_pct, info_pct = float(100.0 * (truth_p >= THRESHOLD).mean()), float(100.0 * (info_p >= THRESHOLD).mean())
+    return {"truth": truth, "truth_pct": truth_pct, "info": info, "info_pct": info_pct,
+            "truth_info": truth * info, "truth_info_pct": truth_pct * info_pct / 100.0}
+
+
+def judge_answers(judges: tuple[Judge, Judge], questions: Sequence[str], answers: Sequence[str]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(truth_p, info_p): each judge's P(yes) per answer, checked to be one probability per answer."""
+    return (_judge(judges[0], questions, answers, "truth"), _judge(judges[1], questions, answers, "info"))
+
+
 def evaluate(lm: LoadedModel, edit, questions: Sequence[Question], fmt: PromptFormat | str = "qa",
              judges: tuple[Judge, Judge] | None = None, mc: bool = True, text_metrics: TextMetrics | None = None,
              batch_size: int = 16, out_dir: Path | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
@@ -90,10 +108,8 @@ def evaluate(lm: LoadedModel, edit, questions: Sequence[Question], fmt: PromptFo
 
     truth_p = info_p = None
     if judges is not None:
-        truth_judge, info_judge = judges
         t0 = time.time()
-        truth_p = _judge(truth_judge, texts, answers, "truth")
-        info_p = _judge(info_judge, texts, answers, "info")
+        truth_p, info_p = judge_answers(judges, texts, answers)
         timings["judge"] = time.time() - t0
 
     text_res = None
@@ -102,17 +118,8 @@ def evaluate(lm: LoadedModel, edit, questions: Sequence[Question], fmt: PromptFo
         text_res = text_metrics.evaluate(edit_obj)
         timings["text"] = time.time() - t0
 
-    def pct(p):
-        return None if p is None else float(100.0 * (p >= THRESHOLD).mean())
-
-    def mean(p):
-        return None if p is None else float(p.mean())
-
-    truth, info = mean(truth_p), mean(info_p)
     result = {
-        "truth": truth, "truth_pct": pct(truth_p), "info": info, "info_pct": pct(info_p),
-        "truth_info": None if truth is None else truth * info,
-        "truth_info_pct": None if truth_p is None else pct(truth_p) * pct(info_p) / 100.0,
+        **judged_fields(truth_p, info_p),
         "mc1": None if mc_res is None else mc_res["mc1"], "mc2": None if mc_res is None else mc_res["mc2"],
         "ce": None if text_res is None else text_res["ce"], "kl": None if text_res is None else text_res["kl"],
         "n_questions": len(questions), "edit": label, "format": fmt.name,

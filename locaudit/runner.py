@@ -1,0 +1,258 @@
+"""Running the study's arms: each arm's trials (fit, validation trials, selection, test trial), in this process
+or in parallel worker processes.
+
+Arms are independent of one another (each chooses its hyper-parameter on its own validation trials), so an arm
+is the unit of parallel work. On a CPU, PyTorch's threads scale poorly on the small matrices of a ~100M-parameter
+model (measured on 2 cores: one thread runs a fit at 0.72x the speed of two), so `workers` processes of one
+thread each, each running whole arms, use the cores better (two on two cores finish a set of fits ~1.35x sooner
+than one two-thread process). On CPU every trial runs on one thread whatever the number of workers, so results
+do not depend on it. Every trial is still one atomic file: an interruption loses only the trials in progress,
+and a rerun skips every finished one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from locaudit.errors import LocauditError
+from locaudit.models import LoadedModel
+
+STAGE_OF = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}
+
+
+def default_workers(device: torch.device) -> int:
+    """One worker per core on a CPU (at most 8: each holds its own copy of the model), one on a GPU."""
+    if device.type != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
+
+
+@dataclass
+class StudyContext:
+    """Everything an arm needs: built once in the main process, or rebuilt in each worker (`load`)."""
+
+    preset: object
+    out: Path
+    lm: LoadedModel
+    probes: object
+    judges: tuple | None  # None: judge "none" (answers stored, scored later by `judge_run`)
+    text: object | None
+    split: object
+
+    @property
+    def deferred(self) -> bool:
+        return self.judges is None
+
+    @property
+    def val_q(self):
+        n = self.preset.study.max_val_questions
+        return self.split.val[:n] if n else self.split.val
+
+    @property
+    def test_q(self):
+        n = self.preset.study.max_test_questions
+        return self.split.test[:n] if n else self.split.test
+
+
+class ArmRunner:
+    """Runs arms in the current process: `run(arm)` -> (arm name, selected value, stage seconds, trials)."""
+
+    def __init__(self, ctx: StudyContext, progress: bool = False):
+        from locaudit.data.examples import preference_pairs
+
+        self.ctx = ctx
+        self.progress = progress
+        self.train_pairs = preference_pairs(ctx.split.train)
+        self.val_pairs = preference_pairs(ctx.split.val)
+
+    def run(self, arm) -> tuple[str, float | None, dict[str, float], int]:
+        from locaudit.study import grid, select_value
+
+        seconds = {"iti": 0.0, "ipo_train": 0.0, "ipo_eval": 0.0, "baseline": 0.0}
+        values = grid(arm, self.ctx.preset.study)
+        n = 0
+        if len(values) > 1:
+            val_rows = [self._trial(arm, v, "val", seconds) for v in values]
+            n += len(values)
+            if self.ctx.deferred:  # nothing to select on yet: keep every value's test trial
+                for v in values:
+                    self._trial(arm, v, "test", seconds)
+                return arm.name, None, seconds, n + len(values)
+            chosen = select_value(values, val_rows)
+        else:
+            chosen = values[0]
+        self._trial(arm, chosen, "test", seconds)
+        return arm.name, chosen, seconds, n + 1
+
+    def _edit(self, arm, value, seconds):
+        from locaudit.experiments import make_edit
+        from locaudit.interventions import ITI, NoEdit, load_intervention
+        from locaudit.study import edit_dir
+        from locaudit.training import fit, fit_summary
+
+        ctx = self.ctx
+        if arm.method == "none":
+            return NoEdit()
+        if arm.method == "iti":
+            return ITI.from_probes(arm.heads, ctx.probes, value)
+        d = edit_dir(ctx.out, arm, value)
+        if (d / "edit.json").is_file():
+            try:
+                return load_intervention(d, ctx.lm.arch)
+            except LocauditError:
+                pass  # damaged edit files: refit below
+        t = time.time()
+        cfg = replace(ctx.preset.fit, tau=value)
+        edit = make_edit(ctx.lm, arm.heads, seed=ctx.preset.data.seed)
+        n_heads = None if arm.heads is None else len(arm.heads)
+        result = fit(ctx.lm, edit, self.train_pairs, self.val_pairs, cfg, n_heads=n_heads, progress=self.progress)
+        summary = {"model": ctx.lm.name, "edit_label": arm.name, "split_hash": ctx.split.hash, **fit_summary(result)}
+        result.edit.save(d, extra=summary)
+        seconds["ipo_train"] += time.time() - t
+        return result.edit
+
+    def _trial(self, arm, value, split_name, seconds) -> dict:
+        from locaudit.evaluation.metrics import evaluate
+        from locaudit.storage import atomic_write_json, read_json
+        from locaudit.study import edit_dir, trial_path
+
+        ctx = self.ctx
+        path = trial_path(ctx.out, arm, value, split_name)
+        if path.is_file():
+            try:
+                return read_json(path)
+            except LocauditError:
+                pass  # unreadable: redo the trial
+        edit = self._edit(arm, value, seconds)
+        t = time.time()
+        ev = ctx.preset.eval
+        # validation trials only select the hyper-parameter (by True*Info): MC and CE/KL are test-only
+        m = evaluate(ctx.lm, edit, ctx.val_q if split_name == "val" else ctx.test_q, ev.fmt, judges=ctx.judges,
+                     mc=ev.mc and split_name == "test", text_metrics=ctx.text if split_name == "test" else None,
+                     batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, edit_name=arm.name, progress=False)
+        fit_seconds = 0.0
+        if arm.method in ("ipo", "full"):
+            meta = read_json(edit_dir(ctx.out, arm, value) / "edit.json")
+            fit_seconds = meta.get("seconds", 0.0)
+            m["fit"] = {k: meta.get(k) for k in ("best", "val_start", "n_train_pairs", "n_val_pairs", "seconds")}
+        m.update({"arm": arm.name, "group": arm.group, "method": arm.method,
+                  "heads": "all" if arm.heads is None and arm.method == "full" else ("" if arm.heads is None else arm.heads.spec()),
+                  "alpha": value if arm.method == "iti" else None,
+                  "tau": value if arm.method in ("ipo", "full") else None,
+                  "split": split_name, "eval_seconds": time.time() - t, "fit_seconds": fit_seconds})
+        seconds[STAGE_OF[arm.method]] += time.time() - t
+        atomic_write_json(path, m)
+        return m
+
+
+def trial_count(arm, study, deferred: bool) -> int:
+    from locaudit.study import grid
+
+    n = len(grid(arm, study))
+    return (n if n > 1 else 0) + (n if deferred else 1)
+
+
+def run_arms(ctx: StudyContext, arms: list, workers: int, progress: bool = True,
+             judge_spec: object = None) -> tuple[dict, dict[str, float]]:
+    """Run every arm (skipping finished trials); returns ({arm: selected value}, summed stage seconds).
+    `workers` > 1 runs arms in that many single-thread processes (CPU); each rebuilds the context from the run
+    directory, the cached model and judges (or unpickles the in-memory model and judges it is given)."""
+    from tqdm.auto import tqdm
+
+    seconds = {"iti": 0.0, "ipo_train": 0.0, "ipo_eval": 0.0, "baseline": 0.0}
+    selections: dict = {}
+    bar = tqdm(total=sum(trial_count(a, ctx.preset.study, ctx.deferred) for a in arms), desc="study trials",
+               disable=not progress)
+
+    def done(result):
+        name, chosen, secs, n = result
+        selections[name] = chosen
+        for k, v in secs.items():
+            seconds[k] += v
+        bar.update(n)
+
+    try:
+        if workers <= 1 or len(arms) <= 1:
+            runner = ArmRunner(ctx, progress=progress)
+            with _cpu_threads(ctx.lm, 1):
+                for arm in arms:
+                    done(runner.run(arm))
+        else:
+            spawn = mp.get_context("spawn")
+            init = (ctx.preset, ctx.out, _portable(ctx.lm), judge_spec, ctx.deferred)
+            with spawn.Pool(processes=min(workers, len(arms)), initializer=_worker_init, initargs=init) as pool:
+                try:
+                    for result in pool.imap_unordered(_worker_run, arms):
+                        done(result)
+                except BaseException:
+                    pool.terminate()  # Ctrl-C or a failed arm: stop the others; finished trials stay on disk
+                    raise
+    finally:
+        bar.close()
+    return selections, seconds
+
+
+class _cpu_threads:
+    """On a CPU model, run the block with `n` PyTorch threads (trials always run single-threaded)."""
+
+    def __init__(self, lm: LoadedModel, n: int):
+        self.active = lm.device.type == "cpu"
+        self.n = n
+
+    def __enter__(self):
+        if self.active:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.old)
+        return False
+
+
+def _portable(lm: LoadedModel):
+    """What a worker needs to get the model: its spec (reloaded from the local cache), or the in-memory model
+    itself when it has no spec to load from (a model built in memory, e.g. in tests)."""
+    from locaudit.models import DEFAULT_MODEL
+
+    name = str(lm.name)
+    if name == DEFAULT_MODEL or os.path.exists(name) or "/" in name:
+        return None
+    return lm
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(preset, out, lm, judge_spec, deferred) -> None:
+    from locaudit.evaluation.lm_metrics import text_metrics_for
+    from locaudit.experiments import load
+    from locaudit.probes import ProbeResult
+
+    torch.set_num_threads(1)
+    lm = lm or load(preset.model)
+    if deferred:
+        judges = None
+    elif judge_spec is not None and not isinstance(judge_spec, str):
+        judges = judge_spec  # judge objects handed over by the caller
+    else:
+        from locaudit.evaluation.judges import load_judges
+
+        judges = load_judges(judge_spec or preset.eval.judge, data_dir=preset.data.data_dir, progress=False)
+    ev = preset.eval
+    text = text_metrics_for(lm, ev.text_source, n_docs=ev.text_docs, max_tokens=ev.text_tokens,
+                            batch_size=ev.batch_size) if ev.text_docs > 0 else None
+    ctx = StudyContext(preset, Path(out), lm, ProbeResult.load(Path(out) / "probes"), judges, text,
+                       preset.data.load_split())
+    _WORKER["runner"] = ArmRunner(ctx)
+
+
+def _worker_run(arm):
+    return _WORKER["runner"].run(arm)
