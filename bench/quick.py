@@ -12,7 +12,7 @@ training stage gets to the machine's matmul throughput.
   benchmark's thread count.
 - Training FLOPs, counted by instrumenting the calls `fit` makes (no locaudit edit): every training step
   runs the shared prefix once (batch 1, with grad, under the edit), the batch's distinct prompts, then its
-  2 x 4 answers (chosen and rejected, right-padded; `scoring._forward` calls); T_train = sum over steps of
+  2 x 4 answers (chosen and rejected, right-padded; `scoring.forward_rows` calls); T_train = sum over steps of
   (prefix tokens + padded prompt and answer tokens). Counted as
   6 x N x T_train with N = all model parameters (tied embedding counted once), the usual training estimate.
   Forward-only work inside the stage (pi0 log-probs, validation evaluations) is counted separately as
@@ -108,7 +108,7 @@ def count_fit_tokens(counts: dict):
         return prefix_kv
 
     def wrap_rows(orig):
-        def _forward(lm, ids, mask, pos, cache):
+        def forward_rows(lm, ids, mask, pos, cache):
             if state["in_fit"]:
                 c = counts[kind()]
                 c["rows_padded"] += int(ids.numel())
@@ -119,7 +119,7 @@ def count_fit_tokens(counts: dict):
                     j = torch.arange(T)
                     c["rows_real"] += int(mask[:, 0, j, mask.shape[-1] - T + j].sum())
             return orig(lm, ids, mask, pos, cache)
-        return _forward
+        return forward_rows
 
     def wrap_head(orig):
         def _token_logprobs(lm, hidden, targets):
@@ -129,12 +129,12 @@ def count_fit_tokens(counts: dict):
         return _token_logprobs
 
     saved = [(training, "fit", orig_fit), (training, "prefix_kv", training.prefix_kv),
-             (scoring, "prefix_kv", scoring.prefix_kv), (scoring, "_forward", scoring._forward),
+             (scoring, "prefix_kv", scoring.prefix_kv), (scoring, "forward_rows", scoring.forward_rows),
              (scoring, "_token_logprobs", scoring._token_logprobs)]
     training.fit = fit
     training.prefix_kv = wrap_prefix(training.prefix_kv)
     scoring.prefix_kv = wrap_prefix(scoring.prefix_kv)
-    scoring._forward = wrap_rows(scoring._forward)
+    scoring.forward_rows = wrap_rows(scoring.forward_rows)
     scoring._token_logprobs = wrap_head(scoring._token_logprobs)
     try:
         yield counts
