@@ -679,7 +679,8 @@ def _data_fingerprint(root: Path) -> dict:
 
 
 def default_version(data_dir=None) -> str:
-    """Identifies design + training data + backbone: changes whenever any of them does."""
+    """Identifies design + training data + backbone + this module's code: changes whenever any of them does,
+    so a cached build is never reused by code that would have fitted it differently."""
     import sklearn
 
     root = find_data_dir(data_dir)
@@ -687,8 +688,12 @@ def default_version(data_dir=None) -> str:
         if not (root / name).is_file():
             raise LocauditError(f"{root / name} is missing; the judges need TruthfulQA's {name} in the data directory")
     key = {"design": DESIGN_VERSION, "data": _data_fingerprint(root), "backbone": backbone_id(), "seed": SEED,
-           "heldout_frac": HELDOUT_FRAC, "sklearn": sklearn.__version__.split(".")[:2]}
+           "heldout_frac": HELDOUT_FRAC, "sklearn": sklearn.__version__.split(".")[:2],
+           "code": file_sha256(Path(__file__))}
     return f"{DESIGN_VERSION}-{stable_hash(key, 12)}"
+
+
+TRAIN_PROCESSES: int | None = None  # None: one process per judge when the machine has 2+ cores; 1: in-process
 
 
 def train_default(data_dir=None, progress: bool = True) -> tuple[dict[str, JudgeModel], dict[str, dict]]:
@@ -698,15 +703,35 @@ def train_default(data_dir=None, progress: bool = True) -> tuple[dict[str, Judge
     data = {k: load_labelled(k, data_dir) for k in KINDS}
     emb = _embed(_needed_texts(list(data.values()), refs), progress)
     models, infos = {}, {}
-    for kind in tqdm(KINDS, desc="training judges", disable=not progress):
-        t = time.time()
-        val = _validate(data[kind], refs, emb, SEED, HELDOUT_FRAC, progress)
-        models[kind] = JudgeModel(kind).fit(data[kind], refs, emb, SEED, progress)
-        infos[kind] = {**val, "name": kind, "backbone": BACKBONE, "design": DESIGN_VERSION, "n_train": len(data[kind]),
-                       "dedup": data[kind].stats, "fit_seconds": round(time.time() - t, 1)}
+    bar = tqdm(total=len(KINDS), desc="training judges", disable=not progress)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if (TRAIN_PROCESSES or cores) > 1:  # the two judges are independent single-threaded fits: one process each
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(KINDS), mp_context=mp.get_context("spawn")) as pool:
+            futures = {kind: pool.submit(_train_kind, data[kind], refs, emb) for kind in KINDS}
+            for kind, f in futures.items():
+                models[kind], infos[kind] = f.result()
+                bar.update()
+    else:
+        for kind in KINDS:
+            models[kind], infos[kind] = _train_kind(data[kind], refs, emb, progress)
+            bar.update()
+    bar.close()
     for kind in KINDS:
         infos[kind]["train_seconds_total"] = round(time.time() - t0, 1)
     return models, infos
+
+
+def _train_kind(data: Labelled, refs: dict, emb: dict, progress: bool = False) -> tuple[JudgeModel, dict]:
+    """Validate, then fit, one judge (truth or info); a function of its inputs alone, so it can run in a
+    worker process."""
+    t = time.time()
+    val = _validate(data, refs, emb, SEED, HELDOUT_FRAC, progress)
+    model = JudgeModel(data.kind).fit(data, refs, emb, SEED, progress)
+    return model, {**val, "name": data.kind, "backbone": BACKBONE, "design": DESIGN_VERSION, "n_train": len(data),
+                   "dedup": data.stats, "fit_seconds": round(time.time() - t, 1)}
 
 
 _FILES = ("truth.pkl", "info.pkl")
