@@ -30,7 +30,7 @@ from locaudit.shared_prefix import own_mask, shared_prefix
 
 # Bumped whenever the arithmetic of scoring changes (batching, attention path), so that cached log-probs
 # (pi0) computed by an older version, equal only up to float rounding, are not mixed with new ones.
-SCORING_VERSION = 2
+SCORING_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,18 @@
-"""Attention to a prefix that every row of a batch shares, computed once for the whole batch.
+"""Attention to a prefix that every row of a batch shares, held once for the whole batch.
 
 Scoring, training and generation prepend the same prefix to every row (the `qa` format's instruction and
-six-shot primer, ~230 tokens). Broadcasting its keys/values into a per-row KV cache makes every row copy and
-read the whole prefix in every layer (twice more under grouped-query attention, whose keys are repeated per
-query head); for short answers that memory traffic, not the matmuls, dominates. Inside
-`shared_prefix(lm, kv)` the model's attention instead splits each query's softmax into the prefix part,
-computed against the batch-1 prefix keys/values for all rows in one matmul, and the row's own part (its cached
-and new tokens), under one normaliser:
+six-shot primer, ~230 tokens). Broadcasting it into an ordinary per-row KV cache makes the cache copy the whole
+prefix into every row, and copy it again at every decoding step as the cache grows (and once more per query
+head under grouped-query attention). Inside `shared_prefix(lm, kv)` the rows' caches hold their own tokens
+only; each attention call joins the batch-1 prefix keys/values to the rows' own (a transient concatenation)
+and runs one fused attention kernel over [prefix; own tokens] with a mask that lets every row token see the
+whole prefix (which precedes it) and, causally, its own unpadded tokens. Callers pass that mask over the own
+tokens (`own_mask`); the model's mask construction passes 4D masks through unchanged. Models with attention
+logit soft-capping (Gemma-2) use an explicit two-part softmax instead:
 
-    attn(q) = (sum_p e^{s_p} v_p + sum_j e^{s_j} v_j) / (sum_p e^{s_p} + sum_j e^{s_j}),   s = scaling * q.k
+    attn(q) = (sum_p e^{s_p} v_p + sum_j e^{s_j} v_j) / (sum_p e^{s_p} + sum_j e^{s_j}),   s = softcap(scaling * q.k)
 
-which is exactly softmax attention over [prefix; own tokens] (every prefix token precedes every row token, so
-the prefix part needs no mask). Per-row caches then hold the row's own tokens only, and callers pass a 4D
-boolean mask over those (`own_mask`); the model's own mask construction passes 4D masks through unchanged.
-Gemma-2 style logit soft-capping is applied; a sliding window shorter than the whole sequence is refused.
+A sliding window shorter than the whole sequence is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +41,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if sliding_window is not None and P + S > sliding_window:
         raise LocauditError(f"sequence of {P + S} tokens is longer than the model's sliding attention window "
                             f"({sliding_window}); use a shorter prompt format (e.g. --format plain)")
+    if attention_mask is None:  # causal over the own tokens, the queries being the last Tq of S
+        attention_mask = torch.ones(Tq, S, dtype=torch.bool, device=query.device).tril(S - Tq)[None, None]
+    if attention_mask.dtype != torch.bool:  # an additive float mask
+        attention_mask = attention_mask == 0
+    if softcap is None:
+        return _fused(query, kp, vp, key, value, attention_mask, scaling, dropout), None
     g = H // kvh
     scale = scaling if scaling is not None else d ** -0.5
     # layout (kvh, B, g*Tq, .): query head k*g + i reads kv head k
@@ -49,12 +54,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     s_p = torch.matmul(q.reshape(kvh, B * g * Tq, d), kp[0].transpose(-1, -2)).view(kvh, B, g * Tq, P)
     s_o = torch.matmul(q, key.transpose(0, 1).transpose(-1, -2))
     s_p, s_o = s_p.float() * scale, s_o.float() * scale
-    if softcap is not None:
-        s_p, s_o = torch.tanh(s_p / softcap) * softcap, torch.tanh(s_o / softcap) * softcap
-    if attention_mask is None:  # causal over the own tokens, the queries being the last Tq of S
-        attention_mask = torch.ones(Tq, S, dtype=torch.bool, device=query.device).tril(S - Tq)[None, None]
-    if attention_mask.dtype != torch.bool:  # an additive float mask
-        attention_mask = attention_mask == 0
+    s_p, s_o = torch.tanh(s_p / softcap) * softcap, torch.tanh(s_o / softcap) * softcap
     keep = attention_mask.expand(B, 1, Tq, S).unsqueeze(2).expand(B, 1, g, Tq, S).reshape(B, 1, g * Tq, S)
     s_o = s_o.masked_fill(~keep.transpose(0, 1), float("-inf"))
     m = torch.maximum(s_p.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True))
@@ -68,6 +68,27 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     out = out + torch.matmul(p_o, value.transpose(0, 1))
     # (kvh, B, g, Tq, d) -> (B, Tq, kvh * g, d)
     return out.view(kvh, B, g, Tq, d).permute(1, 3, 0, 2, 4).reshape(B, Tq, H, d), None
+
+
+_GQA_KWARG = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _fused(query, kp, vp, key, value, mask, scaling, dropout) -> torch.Tensor:
+    """Fused attention over [prefix; own tokens]: (B, Tq, H, d)."""
+    B, H, Tq, _ = query.shape
+    P, S = kp.shape[2], key.shape[2]
+    k = torch.cat([kp.expand(B, -1, -1, -1), key], dim=2)
+    v = torch.cat([vp.expand(B, -1, -1, -1), value], dim=2)
+    m = torch.cat([mask.new_ones(mask.shape[0], 1, Tq, P), mask.expand(-1, 1, Tq, S)], dim=-1)
+    kw = {}
+    if k.shape[1] != H:
+        if _GQA_KWARG:
+            kw["enable_gqa"] = True
+        else:  # older PyTorch: repeat each key/value head for its query heads
+            k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=m, dropout_p=dropout,
+                                                           scale=scaling, **kw)
+    return out.transpose(1, 2)
 
 
 def _register() -> None:
