@@ -7,9 +7,11 @@
 #   bench/gpu_remote.sh checks OUTDIR    # there: CUDA/bf16 tests + random-init SmolLM2/Llama-7B stage timings
 #   bench/gpu_remote.sh study OUTDIR     # there: the gpu_slice study on the real SmolLM2 (answers judged later)
 #
-# The GGUF travels in two parts because one transfer to the machine is capped below its size; `study` joins
-# them and checks the SHA-256. Its run directory comes back as OUTDIR/run.tgz; judge it where the judges are:
-#   tar xzf run.tgz && locaudit judge run run
+# The GGUF travels in two parts because one transfer to the machine is capped below its size: `checks` carries
+# .gpu/part_a and keeps a copy in /tmp (the next transfer replaces .gpu/), `study` carries .gpu/part_b, joins
+# the two and checks the SHA-256, so the two calls must run on the same (still warm) machine. The CE/KL corpus
+# travels as .gpu/site/gensim (just the data file locaudit reads from that package). The study's run directory
+# comes back as OUTDIR/run.tgz; judge it where the judges are:  tar xzf run.tgz && locaudit judge run run
 set -uo pipefail
 mode=${1:?usage: bench/gpu_remote.sh prepare|checks OUTDIR|study OUTDIR}
 out=${2:-/tmp/gpu-out}
@@ -17,7 +19,8 @@ G=.gpu
 setup() {
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $G/whl/*.whl || exit 2
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LOCAUDIT_CACHE=/tmp/locaudit-cache LOCAUDIT_DATA=$PWD/$G/truthfulqa
+    export PYTHONPATH=/tmp/site:$PWD/$G/site:$PWD PYTHONUNBUFFERED=1 LOCAUDIT_CACHE=/tmp/locaudit-cache \
+        LOCAUDIT_DATA=$PWD/$G/truthfulqa
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 }
 case $mode in
@@ -26,7 +29,10 @@ prepare)
     gguf=$($py -c "from locaudit.models import embedded_gguf; print(embedded_gguf('smollm2-135m'))")
     data=$($py -c "from locaudit.data.truthfulqa import find_data_dir; print(find_data_dir(download=False))")
     tokdir=$($py -c "from locaudit.models import _dequantised_cache, embedded_gguf; print(_dequantised_cache(embedded_gguf('smollm2-135m')))")
-    rm -rf $G && mkdir -p $G/truthfulqa $G/tokenizer $G/whl $G/part_a $G/part_b
+    corpus=$($py -c "from locaudit.evaluation.lm_metrics import _gensim_file; print(_gensim_file('wiki'))")
+    rel=$($py -c "from locaudit.evaluation.lm_metrics import _GENSIM_DATA; print(_GENSIM_DATA['wiki'])")
+    rm -rf $G && mkdir -p $G/truthfulqa $G/tokenizer $G/whl $G/part_a $G/part_b "$(dirname "$G/site/gensim/$rel")"
+    touch $G/site/gensim/__init__.py && cp "$corpus" "$G/site/gensim/$rel"
     cp "$data/TruthfulQA.csv" "$data/mc_task.json" $G/truthfulqa/
     grep -E "TruthfulQA.csv|mc_task.json" "$data/SHA256SUMS" > $G/truthfulqa/SHA256SUMS
     cp "$tokdir"/tokenizer.json "$tokdir"/tokenizer_config.json "$tokdir"/config.json $G/tokenizer/
@@ -38,12 +44,13 @@ prepare)
     du -sh $G/* ;;
 checks)
     setup
+    cp $G/part_a/gguf.a /tmp/gguf.a
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -4
     timeout 420 python3 -m bench.gpu --tokenizer $G/tokenizer --data-dir $G/truthfulqa --out "$out/gpu.json" 2>&1 | tail -4 ;;
 study)
     setup
     gguf=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    cat $G/part_a/gguf.a $G/part_b/gguf.b > $gguf
+    cat /tmp/gguf.a $G/part_b/gguf.b > $gguf
     echo "$(cat $G/gguf.sha256)  $gguf" | sha256sum -c - || exit 3
     start=$(date +%s)
     timeout "${STUDY_SECONDS:-450}" python3 -m locaudit.cli run --preset bench/presets/gpu_slice.toml --model $gguf \

@@ -245,7 +245,8 @@ def _reference_once(lm: LoadedModel, split, cfg, progress: bool) -> None:
 
 def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
     """Finish a run made with judge "none" (answers generated where no judge was available): score every stored
-    answer with `judge`, choose each arm's hyper-parameter on the validation questions, and write the report.
+    answer with `judge`, choose each arm's hyper-parameter on the validation questions, and write the report
+    (of the finished arms only, marked partial, if the run itself did not finish).
     Each trial is rewritten atomically when scored, so an interrupted call resumes; a trial scored by another
     judge version is scored again, so one report never mixes judges."""
     from tqdm.auto import tqdm
@@ -259,9 +260,10 @@ def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
     out = Path(out)
     if not (out / "config.json").is_file():
         raise LocauditError(f"{out} is not a locaudit run directory (no config.json); give the --out of `locaudit run`")
-    if not (out / "run.json").is_file():
-        raise LocauditError(f"the run in {out} has not finished; rerun the same `locaudit run` command to finish it")
-    config, run = read_json(out / "config.json"), read_json(out / "run.json")
+    config = read_json(out / "config.json")
+    # an unfinished run (stopped by a time limit, say) is judged and reported as far as it got, marked partial;
+    # rerunning the same `locaudit run` later finishes it
+    run = read_json(out / "run.json") if (out / "run.json").is_file() else {"partial": True}
     judges = load_judges(judge, data_dir=config["preset"]["data"].get("data_dir"), progress=progress)
     infos = {"truth": judges[0].info(), "info": judges[1].info()}
     versions = (infos["truth"].get("version"), infos["info"].get("version"))
@@ -293,6 +295,10 @@ def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
         else:
             selections[name] = next((r.get(key) for r in rows if r["split"] == "test"), None) if method != "none" else None
     run.update(selections=selections, judged=True)
+    for split_name in ("test", "val"):  # a partial run has no run.json to say these: read them off the trials
+        n = next((r["n_questions"] for rows in by_arm.values() for r in rows if r["split"] == split_name), None)
+        run.setdefault(f"n_{split_name}_questions", n)
+    run.setdefault("model", config["preset"]["model"]["model"])
     atomic_write_json(out / "run.json", run)
     return write_report(out)
 

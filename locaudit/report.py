@@ -204,7 +204,11 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
              "<h1>locaudit: does editing provide evidence for localization?</h1>",
              f"<p>Model <b>{e(str(run.get('model', preset['model']['model'])))}</b>, preset <b>{e(preset['name'])}</b>, "
              f"{run.get('n_test_questions', '?')} test / {run.get('n_val_questions', '?')} validation questions "
-             f"(split {e(str(run.get('split_hash', '')))}, seed {preset['data']['seed']}).</p>", "<h2>Verdict</h2>"]
+             f"(split {e(str(run.get('split_hash', '')))}, seed {preset['data']['seed']}).</p>"]
+    if run.get("partial"):
+        parts.append("<p class='v'><b>Partial run</b>: the study stopped before every arm finished; this report covers "
+                     "the finished trials only (rerun the same `locaudit run` command to complete it).</p>")
+    parts.append("<h2>Verdict</h2>")
     for key in ("iti", "ipo"):
         if key in st:
             parts.append(f"<p class='v'>{e(st[key]['verdict'])}</p>")

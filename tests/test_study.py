@@ -174,3 +174,32 @@ def test_parallel_workers_give_the_same_results(study_dir):
     from locaudit.storage import read_json
 
     assert read_json(study_dir / "parallel" / "run.json")["workers"] == 2
+
+
+def test_judging_a_partial_deferred_run(study_dir, monkeypatch):
+    """A deferred run stopped before its end (no run.json, some arms missing) is judged and reported as far as
+    it got, and says so."""
+    import shutil
+
+    from locaudit.evaluation import judges as judges_mod
+    from locaudit.experiments import judge_run
+    from locaudit.storage import read_json
+
+    src = study_dir / "deferred"
+    if not (src / "config.json").is_file():
+        pytest.skip("needs test_deferred_judging_equals_inline's run")
+    part = study_dir / "partial"
+    shutil.copytree(src, part)
+    (part / "run.json").unlink()
+    for arm in ("full", "ipo-single-L2H0"):
+        shutil.rmtree(part / "trials" / arm, ignore_errors=True)
+    for p in (part / "trials").glob("*/*.json"):  # back to unjudged answers
+        r = read_json(p)
+        r.update(truth=None, info=None, truth_info=None, judge=None)
+        p.write_text(__import__("json").dumps(r))
+    monkeypatch.setattr(judges_mod, "load_judges", lambda *a, **k: (HashJudge("truth"), HashJudge("info")))
+    res = judge_run(part, progress=False)
+    run = read_json(part / "run.json")
+    assert run["partial"] is True and run["n_test_questions"] == 4 and run["n_val_questions"] == 3
+    assert "full" not in run["selections"] and run["selections"]["iti-top3"] in (5.0, 15.0)
+    assert "Partial run" in (part / "report.html").read_text() and "iti" in res["stats"]

@@ -228,10 +228,26 @@ class Encoder:
             cls._shared[str(path)] = cls(path)
         return cls._shared[str(path)]
 
-    def encode(self, texts: Sequence[str], progress: bool = False, batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: Sequence[str], progress: bool = False, batch_size: int = 64,
+               processes: int | None = None) -> np.ndarray:
         import torch
 
-        todo = sorted({t for t in texts if t not in self.memo}, key=len)  # similar lengths share a batch: less padding
+        # similar lengths share a batch (less padding); ties in text order, so batches never depend on hashing
+        todo = sorted({t for t in texts if t not in self.memo}, key=lambda t: (len(t), t))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = processes or TRAIN_PROCESSES or min(cores, 4)
+        if self.device == "cpu" and n > 1 and len(todo) >= 8 * batch_size:
+            # one single-thread process per core, each embedding whole batches of the same sorted list, so every
+            # text gets exactly the vector a single process would give it
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            cut = [batch_size * round(len(todo) / batch_size * k / n) for k in range(n + 1)]
+            with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+                parts = pool.map(_encode_chunk, [todo[cut[k]:cut[k + 1]] for k in range(n)], [batch_size] * n)
+                for chunk, vecs in zip([todo[cut[k]:cut[k + 1]] for k in range(n)], parts):
+                    self.memo.update(zip(chunk, vecs))
+            todo = []
         bar = tqdm(total=len(todo), desc="embedding texts (MiniLM)", unit="text", disable=not progress or not todo)
         threads = torch.get_num_threads()
         if self.device == "cpu" and (os.cpu_count() or 1) <= 2:
@@ -281,6 +297,14 @@ class Encoder:
                 np.savez(f, texts_json=blob, vectors=vecs)
 
         atomic_write(self._disk(), write)
+
+
+def _encode_chunk(texts: list[str], batch_size: int) -> np.ndarray:
+    """Embeddings of `texts` (already sorted by length) in a worker process, on one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    return Encoder.get().encode(texts, batch_size=batch_size, processes=1)
 
 
 # ------------------------------------------------------------------------------------ representations
@@ -693,7 +717,9 @@ def default_version(data_dir=None) -> str:
     return f"{DESIGN_VERSION}-{stable_hash(key, 12)}"
 
 
-TRAIN_PROCESSES: int | None = None  # None: one process per judge when the machine has 2+ cores; 1: in-process
+# Processes for the one-time judge build (embedding the labelled texts, then one per judge): None = one per
+# core (embedding: at most 4); 1 = everything in this process.
+TRAIN_PROCESSES: int | None = None
 
 
 def train_default(data_dir=None, progress: bool = True) -> tuple[dict[str, JudgeModel], dict[str, dict]]:
