@@ -5,7 +5,8 @@ batch 1, the full causal LM forward with the LM head over every position and `ou
 forward pre-hooks on every layer's o_proj that copy its input (all positions) to CPU, then the last position
 is kept. locaudit: `activations.capture_last_token` (length-sorted batches of 16, body only, hooks gather just
 the last real token of each row, one pass for all layers). Same texts (TruthfulQA probe examples, `iti_end_q`),
-same model; the two outputs are compared element-wise. Rounds alternate baseline/locaudit; best time of each.
+same model; the two outputs are compared element-wise. The texts are all the probe examples of whole questions,
+as the probe stage captures them (so answers to one question share their start). Rounds alternate baseline/locaudit; best time of each.
 """
 
 from __future__ import annotations
@@ -19,13 +20,23 @@ SIZES = {True: {"n_texts": 32, "rounds": 1}, False: {"n_texts": 256, "rounds": 2
 
 
 def probe_texts(n: int) -> list[str]:
+    """The probe stage's workload in miniature: every probe example (one per labelled answer) of seeded random
+    training questions, whole questions at a time, until there are `n` texts. Probing captures all answers
+    of each question, which share the `Q: {question} A:` start (as honest_llama's loop over the dataset does)."""
     from locaudit.data.examples import probe_examples
 
     split = load_split()
     pool = list(split.train) + list(split.val) + list(split.test)
     examples = probe_examples(split.train, "iti_end_q", seed=SEED, pool=pool)
-    idx = np.random.default_rng(SEED).choice(len(examples), size=min(n, len(examples)), replace=False)
-    return [examples[i].text for i in sorted(idx)]
+    by_q: dict[int, list[str]] = {}
+    for e in examples:
+        by_q.setdefault(e.qid, []).append(e.text)
+    texts: list[str] = []
+    for q in np.random.default_rng(SEED).permutation(sorted(by_q)):
+        if len(texts) >= n:
+            break
+        texts += by_q[int(q)]
+    return texts[:n]
 
 
 def baseline_capture(lm, texts) -> np.ndarray:

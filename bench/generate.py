@@ -1,7 +1,7 @@
 """generate: locaudit's batched shared-prefix greedy generation vs one HF `model.generate` call per question.
 
-Baseline (ITI's evaluation loop): for each question, the `qa` prompt text (instruction + 6-shot primer +
-`Q: ...\\nA:`) tokenised whole, `model.generate(ids, do_sample=False, max_new_tokens=50)` (greedy; stops only at
+Baseline (ITI's evaluation loop): for each question, the `qa` prompt (instruction + 6-shot primer +
+`Q: ...\\nA:`), `model.generate(ids, do_sample=False, max_new_tokens=50)` (greedy; stops only at
 EOS, as ITI's `top_k=1, max_length=len+50`), decoded and cut to one answer line (`clean_answer`). locaudit:
 `generate_answers(lm, questions, "qa", max_new_tokens=50, batch_size=16)`: the ~216-token prefix runs once, rows
 are length-batched, each row stops at the end of its answer line. Same questions (TruthfulQA test split).
@@ -9,6 +9,11 @@ are length-batched, each row stops at the end of its answer line. Same questions
 Because part of locaudit's gain is stopping at the end of the answer line, the full run also times a stronger
 baseline, `generate(..., stop_strings=["\\n", "Q:"])` (HF's own early stop, still one question per call), and
 reports that ratio too (`ratio_vs_stop_strings`). Answers are compared after `clean_answer`.
+
+Both decode from identical token ids: the baseline gets the prompt as locaudit tokenises it (the shared prefix on
+its own, then the question), so that equal greedy answers check the batched generation. (Tokenising the whole
+prompt string instead differs by one token at the prefix/question junction for SmolLM2: `\\n\\n` becomes two
+tokens before `Q`, one when the prefix ends there; that alone changed 10 of 32 greedy answers.)
 """
 
 from __future__ import annotations
@@ -32,16 +37,15 @@ def questions(n: int) -> list[str]:
 
 def baseline_generate(lm, qs, stop_strings=None) -> tuple[list[str], int]:
     from locaudit.data.formats import PromptFormat
-    from locaudit.evaluation.generation import clean_answer
+    from locaudit.evaluation.generation import clean_answer, encode_prompts
 
     fmt, tok = PromptFormat("qa"), lm.tokenizer
     answers, new_tokens = [], 0
     extra = {"stop_strings": stop_strings, "tokenizer": tok} if stop_strings else {}
     with torch.no_grad():
-        for q in qs:
-            enc = tok(fmt.prompt(q), return_tensors="pt")
-            ids = enc["input_ids"].to(lm.device)
-            out = lm.model.generate(ids, attention_mask=enc["attention_mask"].to(lm.device), do_sample=False,
+        for prompt in encode_prompts(lm, qs, "qa"):  # one question at a time, the same token ids as locaudit's
+            ids = torch.tensor([prompt], device=lm.device)
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=MAX_NEW, pad_token_id=tok.pad_token_id, **extra)
             gen = out[0, ids.shape[1]:]
             new_tokens += int(gen.numel())
@@ -79,6 +83,8 @@ def run(quick: bool) -> dict:
                      "seconds": tl.seconds, "questions_per_s": len(qs) / tl.seconds},
         "answers_identical_fraction": float(np.mean([a == b for a, b in zip(base_answers, ours)])),
         "examples": [{"question": q, "baseline": a, "locaudit": b} for q, a, b in list(zip(qs, base_answers, ours))[:5]],
+        "differing_answers": [{"question": q, "baseline": a, "locaudit": b}
+                              for q, a, b in zip(qs, base_answers, ours) if a != b],
         "ratio": tb.seconds / tl.seconds, "target": 5.0,
     }
     if size["stop_strings_baseline"]:

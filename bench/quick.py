@@ -1,46 +1,42 @@
 """quick: the whole study preset through `experiments.run_study`, stage by stage, and how close the IPO
 training stage gets to the machine's matmul throughput.
 
-- Preset: `quick` (`locaudit/presets/quick.toml`) when it exists, else `smoke`; `--quick` always uses `smoke`
-  so bench-quick stays within its time budget. The run goes to a temporary directory with a cold pi0 /
-  activation cache (the dequantised model and any trained judges are reused). `run_study` loads the model
-  itself, so stage `load` includes model loading.
-- Judges: the real ones (`locaudit.evaluation.judges.load_judges`, via `run_study`) when that module exists;
-  otherwise a deterministic hash stand-in (the JSON says which).
-- Prints `STAGE <name> <seconds>` for every entry of `run.json`'s `stage_seconds`.
-- Peak: the best fp32 `torch.mm` FLOP/s over square 1024 and 2048 matmuls (2 n^3 FLOPs each), at the
-  benchmark's thread count.
-- Training FLOPs, counted by instrumenting the calls `fit` makes (no locaudit edit): every training step
-  runs the shared prefix once (batch 1, with grad, under the edit), the batch's distinct prompts, then its
-  2 x 4 answers (chosen and rejected, right-padded; `scoring.forward_rows` calls); T_train = sum over steps of
-  (prefix tokens + padded prompt and answer tokens). Counted as
-  6 x N x T_train with N = all model parameters (tied embedding counted once), the usual training estimate.
-  Forward-only work inside the stage (pi0 log-probs, validation evaluations) is counted separately as
-  2 x N x T_infer. Because base weights are frozen (no weight gradients, so backward is ~2 N per token, not 4 N)
-  and the LM head runs only at answer positions, a refined count is also given:
-  train 4 x N_body x T + 4 x V x d x A, inference 2 x N_body x T + 2 x V x d x A (A = answer tokens, N_body =
-  parameters outside the embedding / LM head; attention score FLOPs ignored).
-- RATIO quick = (6 N T_train / peak FLOP/s) / seconds of the `ipo_train` stage: the time training would take
-  at the measured matmul peak over the time it took, i.e. the fraction of peak reached.
+- Preset: `quick` (`locaudit/presets/quick.toml`), or the TOML file in `$LOCAUDIT_BENCH_PRESET` (e.g. an older
+  quick preset, to compare code on the same work); `--quick` always uses `smoke` so bench-quick stays within
+  its time budget. The run goes to a temporary directory with a cold pi0 / activation cache (the dequantised
+  model and trained judges are reused; `stage_seconds.judges` says if they had to be trained). Arms run in
+  `run_study`'s default number of worker processes (one single-thread worker per core).
+- Prints `STAGE <name> <seconds>` for every entry of `run.json`'s `stage_seconds` (per-arm stages summed over
+  workers; `arms_wall` and `total` are wall clock).
+- Peak: the best fp32 `torch.mm` FLOP/s over square 1024 and 2048 matmuls (2 n^3 FLOPs each), on one thread
+  (what each worker has) and on all threads.
+- Training FLOPs, counted from the data (every fit of a study trains on the same pairs in the same seeded
+  batch order, so the tokens of one fit are replayed with `training.bucketed_batches` and `scoring.collate`
+  without running the model): every step runs the shared prefix (batch 1), the batch's distinct prompts and its
+  2 x 4 answers with gradients. T = prefix + padded prompt and answer tokens. Counted as 6 x N x T (N = all
+  model parameters, tied embedding once), the usual estimate, and refined: base weights are frozen (backward
+  ~2 N per token, not 4 N) and the LM head runs only at answer positions: 4 x N_body x T + 4 x V x d x A.
+- RATIO quick = (refined training FLOPs / one thread's peak FLOP/s) / summed seconds of the `ipo_train` stage:
+  the fraction of its core's matmul peak a worker reaches while training.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import Timer, cli, cold_cache, log
 
 
-def peak_matmul_flops(repeats: int = 8) -> dict:
+def peak_matmul_flops(repeats: int = 8, threads: int | None = None) -> dict:
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     out = {}
     for n in (1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -52,95 +48,57 @@ def peak_matmul_flops(repeats: int = 8) -> dict:
             torch.mm(a, b)
             best = min(best, time.perf_counter() - t)
         out[str(n)] = 2 * n ** 3 / best
-    return {"flops_per_s": max(out.values()), "by_size": out, "threads": torch.get_num_threads()}
+    used = torch.get_num_threads()
+    torch.set_num_threads(old)
+    return {"flops_per_s": max(out.values()), "by_size": out, "threads": used}
 
 
-class HashJudge:
-    """Deterministic stand-in judge (used only when locaudit.evaluation.judges does not exist yet)."""
+def fit_tokens(lm, preset) -> dict:
+    """Tokens one fit of `preset` processes: training steps (with grad) and the final validation pass."""
+    import math
 
-    def __init__(self, name):
-        self.name = name
+    import numpy as np
 
-    def score(self, questions, answers):
-        return np.array([int(hashlib.sha256(f"{self.name}|{q}|{a}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-                         for q, a in zip(questions, answers)])
+    from locaudit.data.examples import preference_pairs
+    from locaudit.data.formats import PromptFormat
+    from locaudit.scoring import batch_tokens, collate
+    from locaudit.training import _subsample, bucketed_batches, encode_pairs
 
-    def info(self):
-        return {"version": f"bench-hash-{self.name}"}
+    cfg = preset.fit
+    split = preset.data.load_split()
+    train = encode_pairs(lm, _subsample(preference_pairs(split.train), cfg.max_train_pairs, cfg.seed), PromptFormat(cfg.fmt))
+    val = encode_pairs(lm, _subsample(preference_pairs(split.val), cfg.max_val_pairs, cfg.seed + 1), PromptFormat(cfg.fmt))
+    rng = np.random.default_rng(cfg.seed)
+    lengths = [max(len(c), len(r)) for c, r in zip(train.chosen, train.rejected)]
+    out = {"train": {"prefix": 0, "padded": 0, "real": 0, "answer": 0, "steps": 0},
+           "val": {"prefix": 0, "padded": 0, "real": 0, "answer": 0}}
+    pad = lm.tokenizer.pad_token_id
+    for _ in range(cfg.epochs):
+        for idx in bucketed_batches(lengths, cfg.batch_size, rng):
+            n = batch_tokens(collate([train.chosen[i] for i in idx] + [train.rejected[i] for i in idx], pad, "cpu"))
+            t = out["train"]
+            t["prefix"] += len(train.prefix)
+            t["steps"] += 1
+            for k in ("padded", "real", "answer"):
+                t[k] += n[k]
+    evals = cfg.epochs * cfg.evals_per_epoch
+    for s0 in range(0, len(val), 16):
+        idx = list(range(s0, min(s0 + 16, len(val))))
+        n = batch_tokens(collate([val.chosen[i] for i in idx] + [val.rejected[i] for i in idx], pad, "cpu"))
+        for k in ("padded", "real", "answer"):
+            out["val"][k] += evals * n[k]
+    out["val"]["prefix"] = evals * len(val.prefix)
+    out["steps_per_fit"] = out["train"]["steps"]
+    assert out["train"]["steps"] == cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    return out
 
 
-@contextlib.contextmanager
-def count_fit_tokens(counts: dict):
-    """Count tokens processed inside `training.fit`, split into training (grad) and forward-only work."""
-    from locaudit import scoring, training
-
-    state = {"in_fit": 0}
-    counts.update({"fits": 0, "train": {"prefix": 0, "rows_padded": 0, "rows_real": 0, "answer": 0, "steps": 0},
-                   "infer": {"prefix": 0, "rows_padded": 0, "rows_real": 0, "answer": 0}, "model": None})
-
-    def kind():
-        return "train" if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() else "infer"
-
-    orig_fit = training.fit
-
-    def fit(lm, *a, **k):
-        if counts["model"] is None:
-            emb = lm.model.get_input_embeddings().weight
-            head = lm.model.get_output_embeddings().weight
-            total = sum(p.numel() for p in lm.model.parameters())
-            counts["model"] = {"n_params": total, "n_body": total - emb.numel() - (0 if head is emb else head.numel()),
-                               "vocab": head.shape[0], "d_model": head.shape[1], "tied": head is emb}
-        state["in_fit"] += 1
-        counts["fits"] += 1
-        try:
-            return orig_fit(lm, *a, **k)
-        finally:
-            state["in_fit"] -= 1
-
-    def wrap_prefix(orig):
-        def prefix_kv(lm, prefix):
-            if state["in_fit"]:
-                c = counts[kind()]
-                c["prefix"] += len(prefix)
-                if kind() == "train":
-                    c["steps"] += 1
-            return orig(lm, prefix)
-        return prefix_kv
-
-    def wrap_rows(orig):
-        def forward_rows(lm, ids, mask, pos, cache):
-            if state["in_fit"]:
-                c = counts[kind()]
-                c["rows_padded"] += int(ids.numel())
-                T = ids.shape[1]
-                if mask.dim() == 2:  # (B, past + T): the last T columns are this call's tokens
-                    c["rows_real"] += int(mask[:, -T:].sum())
-                else:  # 4D own-token mask (B, 1, T, S): a real query token attends to itself, padding does not
-                    j = torch.arange(T)
-                    c["rows_real"] += int(mask[:, 0, j, mask.shape[-1] - T + j].sum())
-            return orig(lm, ids, mask, pos, cache)
-        return forward_rows
-
-    def wrap_head(orig):
-        def _token_logprobs(lm, hidden, targets):
-            if state["in_fit"]:
-                counts[kind()]["answer"] += int(targets.numel())
-            return orig(lm, hidden, targets)
-        return _token_logprobs
-
-    saved = [(training, "fit", orig_fit), (training, "prefix_kv", training.prefix_kv),
-             (scoring, "prefix_kv", scoring.prefix_kv), (scoring, "forward_rows", scoring.forward_rows),
-             (scoring, "_token_logprobs", scoring._token_logprobs)]
-    training.fit = fit
-    training.prefix_kv = wrap_prefix(training.prefix_kv)
-    scoring.prefix_kv = wrap_prefix(scoring.prefix_kv)
-    scoring.forward_rows = wrap_rows(scoring.forward_rows)
-    scoring._token_logprobs = wrap_head(scoring._token_logprobs)
-    try:
-        yield counts
-    finally:
-        for mod, name, f in saved:
-            setattr(mod, name, f)
+def model_params(lm) -> dict:
+    emb = lm.model.get_input_embeddings().weight
+    head = lm.model.get_output_embeddings().weight
+    total = sum(p.numel() for p in lm.model.parameters())
+    return {"n_params": total, "n_body": total - emb.numel() - (0 if head is emb else head.numel()),
+            "vocab": head.shape[0], "d_model": head.shape[1], "tied": head is emb}
 
 
 def eval_breakdown(run_dir: Path) -> dict:
@@ -158,69 +116,61 @@ def eval_breakdown(run_dir: Path) -> dict:
 
 
 def choose_preset(quick: bool):
-    from locaudit.study import PRESET_DIR, load_preset
+    import os
+
+    from locaudit.study import load_preset
 
     if quick:
         return load_preset("smoke"), "smoke (bench --quick always uses smoke)"
-    if (PRESET_DIR / "quick.toml").is_file():
-        return load_preset("quick"), "quick"
-    return load_preset("smoke"), "smoke (locaudit/presets/quick.toml does not exist yet)"
+    path = os.environ.get("LOCAUDIT_BENCH_PRESET")
+    if path:
+        return load_preset(path), f"{path} ($LOCAUDIT_BENCH_PRESET)"
+    return load_preset("quick"), "quick"
 
 
 def run(quick: bool) -> dict:
-    from locaudit.experiments import run_study
+    from locaudit.experiments import load, run_study
 
     preset, preset_note = choose_preset(quick)
     preset = replace(preset, model=replace(preset.model, device="cpu", dtype="float32"))
-    try:
-        import locaudit.evaluation.judges  # noqa: F401
-        judges, judge_note = None, "real judges (locaudit.evaluation.judges via run_study)"
-    except ImportError:
-        judges = (HashJudge("truth"), HashJudge("info"))
-        judge_note = "hash stand-in judges: locaudit.evaluation.judges does not exist yet"
-    log(f"quick: preset {preset_note}; {judge_note}")
-    peak = peak_matmul_flops()
-    log(f"quick: peak fp32 matmul {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
-    counts: dict = {}
-    with tempfile.TemporaryDirectory(prefix="locaudit-bench-study-") as tmp, cold_cache(), \
-            count_fit_tokens(counts), Timer() as t:
-        run_study(preset, Path(tmp) / "run", progress=False, judges=judges)
+    log(f"quick: preset {preset_note}; real judges (locaudit.evaluation.judges via run_study)")
+    peak1, peak = peak_matmul_flops(threads=1), peak_matmul_flops()
+    log(f"quick: peak fp32 matmul {peak1['flops_per_s'] / 1e9:.1f} GFLOP/s on 1 thread, "
+        f"{peak['flops_per_s'] / 1e9:.1f} on {peak['threads']}")
+    with tempfile.TemporaryDirectory(prefix="locaudit-bench-study-") as tmp, cold_cache(), Timer() as t:
+        run_study(preset, Path(tmp) / "run", progress=False)
         run_json = json.loads((Path(tmp) / "run" / "run.json").read_text())
         evals = eval_breakdown(Path(tmp) / "run")
+        fits = len(list((Path(tmp) / "run" / "edits").glob("*/*")))
     stages = run_json["stage_seconds"]
-    for name, s in stages.items():
-        print(f"STAGE {name} {s:.2f}", flush=True)
+    for name, sec in stages.items():
+        print(f"STAGE {name} {sec:.2f}", flush=True)
     for name, d in evals.items():
         log(f"quick: {name}: " + ", ".join(f"{k} {v:.1f}" + ("s" if k != "trials" else "") for k, v in d.items()))
-    m, tr, inf = counts["model"], counts["train"], counts["infer"]
-    T_train = tr["prefix"] + tr["rows_padded"]
-    T_inf = inf["prefix"] + inf["rows_padded"]
-    f_train_6nd = 6 * m["n_params"] * T_train
-    f_inf_2nd = 2 * m["n_params"] * T_inf
+    lm = load(preset.model)
+    m, tok = model_params(lm), fit_tokens(lm, preset)
+    tr, va = tok["train"], tok["val"]
+    T_train, T_val = tr["prefix"] + tr["padded"], va["prefix"] + va["padded"]
     head = m["vocab"] * m["d_model"]
-    f_train_refined = 4 * m["n_body"] * T_train + 4 * head * tr["answer"]
-    f_inf_refined = 2 * m["n_body"] * T_inf + 2 * head * inf["answer"]
-    secs = stages["ipo_train"]
-    P = peak["flops_per_s"]
-    util = {
-        "train_6NT_over_stage": f_train_6nd / secs / P,
-        "train_6NT_plus_infer_2NT_over_stage": (f_train_6nd + f_inf_2nd) / secs / P,
-        "refined_train_plus_infer_over_stage": (f_train_refined + f_inf_refined) / secs / P,
-    }
-    log(f"quick: training tokens {T_train} in {tr['steps']} steps over {counts['fits']} fits; "
-        f"{f_train_6nd / 1e12:.2f} TFLOP (6NT) in {secs:.1f}s = {100 * util['train_6NT_over_stage']:.1f}% of peak")
+    per_fit = {"train_6NT": 6 * m["n_params"] * T_train,
+               "train_refined": 4 * m["n_body"] * T_train + 4 * head * tr["answer"],
+               "val_refined": 2 * m["n_body"] * T_val + 2 * head * va["answer"]}
+    secs = stages["ipo_train"]  # summed over the fits, whichever worker ran them
+    util = {"refined_train_plus_val_over_one_thread_peak": fits * (per_fit["train_refined"] + per_fit["val_refined"])
+            / secs / peak1["flops_per_s"],
+            "train_6NT_over_one_thread_peak": fits * per_fit["train_6NT"] / secs / peak1["flops_per_s"]}
+    log(f"quick: {fits} fits of {tr['steps']} steps, {T_train} training tokens each; training stage "
+        f"{secs:.0f}s (summed over workers) = {100 * util['refined_train_plus_val_over_one_thread_peak']:.0f}% of one "
+        f"thread's matmul peak (refined count)")
     return {
         "what": "whole study preset via run_study; stage seconds; IPO training stage's fraction of matmul peak",
-        "preset": preset_note, "judges": judge_note, "wall_seconds": t.seconds,
-        "stage_seconds": stages, "eval_breakdown_seconds": evals, "n_val_questions": run_json.get("n_val_questions"),
-        "n_test_questions": run_json.get("n_test_questions"), "arch": run_json.get("arch"),
-        "peak": peak, "model_params": m, "fits": counts["fits"],
-        "tokens": {"train": tr, "infer": inf, "T_train": T_train, "T_infer": T_inf},
-        "flops": {"train_6NT": f_train_6nd, "infer_2NT": f_inf_2nd, "train_refined": f_train_refined,
-                  "infer_refined": f_inf_refined},
-        "utilization": util,
-        "ratio": util["train_6NT_over_stage"],
-        "ratio_definition": "(6 N T_train / peak matmul FLOP/s) / ipo_train stage seconds",
+        "preset": preset_note, "judges": "real judges via run_study", "wall_seconds": t.seconds,
+        "workers": run_json.get("workers"), "stage_seconds": stages, "eval_breakdown_seconds": evals,
+        "n_val_questions": run_json.get("n_val_questions"), "n_test_questions": run_json.get("n_test_questions"),
+        "arch": run_json.get("arch"), "peak_one_thread": peak1, "peak_all_threads": peak, "model_params": m,
+        "fits": fits, "tokens_per_fit": tok, "flops_per_fit": per_fit, "utilization": util,
+        "ratio": util["refined_train_plus_val_over_one_thread_peak"],
+        "ratio_definition": "(fits x refined FLOPs per fit / one thread's peak matmul FLOP/s) / summed ipo_train seconds",
     }
 
 

@@ -194,6 +194,8 @@ def run_arms(ctx: StudyContext, arms: list, workers: int, progress: bool = True,
                 try:
                     for result in pool.imap_unordered(_worker_run, arms):
                         done(result)
+                    pool.close()  # let the workers exit on their own, so no semaphore is left to the tracker
+                    pool.join()
                 except BaseException:
                     pool.terminate()  # Ctrl-C or a failed arm: stop the others; finished trials stay on disk
                     raise

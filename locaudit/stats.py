@@ -93,16 +93,30 @@ def _ordinal(x: float) -> str:
 
 
 def verdict(method: str, test: NullTest, alpha: float = 0.05) -> str:
-    """One sentence, generated from the numbers, on whether edits distinguish S* from random heads."""
+    """One sentence, generated from the numbers, on whether edits distinguish S* from random heads.
+
+    S* counts as singled out only when the assumption-free rank test says so. Where the paper's t-test (which
+    assumes normally distributed random scores) disagrees, the sentence says so and why; where the number of
+    random sets makes a significant rank p impossible (1 / (R + 1) > alpha), it says that too."""
     if test.n_random == 0:
         return f"{method}: no random head sets were evaluated, so no comparison is possible."
+    n = test.n_random
     above = test.target > test.random_mean
-    sig = test.p_rank <= alpha
+    sig_rank = test.p_rank <= alpha
+    sig_t = bool(np.isfinite(test.p_ttest) and test.p_ttest <= alpha)
+    n_at_least = int(round(test.p_rank * (n + 1))) - 1  # random sets scoring at least S*'s value
+    floor = 1 / (n + 1)
     base = (f"{method}: S* scores {test.target:.3f} vs random sets {test.random_mean:.3f} "
-            f"(sd {test.random_sd:.3f}, n={test.n_random}); S* is at the {_ordinal(test.percentile)} percentile of the "
+            f"(sd {test.random_sd:.3f}, n={n}); S* is at the {_ordinal(test.percentile)} percentile of the "
             f"random null (rank p = {test.p_rank:.3f}, t-test p = {test.p_ttest:.2g}).")
-    if above and sig:
+    if above and sig_rank:
         return base + " Edit-based evidence does single out S* here."
     if above:
-        return base + " S* is not distinguishable from random heads at this sample size."
+        reason = (f"S* beats all {n} random sets, but with {n} sets the rank p cannot fall below {floor:.3f}"
+                  if n_at_least == 0 else f"{n_at_least} of the {n} random sets score{'s' if n_at_least == 1 else ''} at least as high as S*")
+        if sig_t:
+            return base + (f" The paper's t-test (which assumes normally distributed random scores) puts S* above "
+                           f"the random mean, but {reason}, so the assumption-free rank test does not separate them: "
+                           f"at most weak evidence for the localization; more random sets would settle it.")
+        return base + f" S* is not distinguishable from random heads at this sample size ({reason})."
     return base + " Random heads do as well as or better than S*: this edit gives no evidence for the localization."

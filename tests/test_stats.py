@@ -1,0 +1,63 @@
+"""The study's statistics on hand-computable inputs: True*Info, bootstrap intervals, the null tests, verdicts."""
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from locaudit import stats
+
+
+def test_truth_info_is_product_of_means():
+    assert stats.truth_info(np.array([1.0, 0.0, 1.0, 1.0]), np.array([0.5, 0.5, 1.0, 1.0])) == pytest.approx(0.75 * 0.75)
+
+
+def test_truth_info_ci_is_the_percentile_bootstrap_over_questions():
+    rng = np.random.default_rng(3)
+    t, i = rng.random(40), rng.random(40)
+    lo, hi = stats.truth_info_ci(t, i, n_boot=500, seed=7)
+    idx = np.random.default_rng(7).integers(0, 40, size=(500, 40))
+    vals = t[idx].mean(1) * i[idx].mean(1)
+    assert (lo, hi) == pytest.approx((np.quantile(vals, 0.025), np.quantile(vals, 0.975)))
+    assert lo < stats.truth_info(t, i) < hi
+    assert stats.truth_info_ci(t, i, n_boot=500, seed=7) == (lo, hi)  # seeded
+    assert all(np.isnan(stats.truth_info_ci([1.0], [1.0])))  # one question: no interval
+
+
+def test_paired_ratio_ci_is_one_for_an_arm_against_itself_and_scales():
+    rng = np.random.default_rng(0)
+    t, i = rng.random(30), rng.random(30)
+    assert stats.paired_ratio_ci((t, i), (t, i), n_boot=200) == pytest.approx((1.0, 1.0, 1.0))
+    point, lo, hi = stats.paired_ratio_ci((t / 2, i), (t, i), n_boot=200)  # half the truth everywhere
+    assert (point, lo, hi) == pytest.approx((0.5, 0.5, 0.5))
+    point, lo, hi = stats.paired_ratio_ci((rng.random(30), i), (t, i), n_boot=200)
+    assert lo < point < hi
+
+
+def test_null_test_matches_scipy_and_counts_ranks():
+    r = [0.30, 0.31, 0.26, 0.32, 0.49, 0.19]
+    nt = stats.null_test(0.477, r)
+    t, p = st.ttest_1samp(r, 0.477)
+    assert (nt.t, nt.p_ttest) == pytest.approx((t, p))
+    assert nt.percentile == pytest.approx(100 * 5 / 6)
+    assert nt.p_rank == pytest.approx(2 / 7)  # S* itself plus the one random set above it
+    assert nt.random_mean == pytest.approx(np.mean(r)) and nt.random_sd == pytest.approx(np.std(r, ddof=1))
+    tie = stats.null_test(0.3, [0.3, 0.2])
+    assert tie.percentile == pytest.approx(75.0) and tie.p_rank == pytest.approx(2 / 3)
+    assert stats.null_test(0.3, []).n_random == 0
+
+
+def test_verdicts_follow_the_numbers():
+    single_out = stats.verdict("ITI", stats.null_test(0.9, np.linspace(0.2, 0.3, 30)))
+    assert "does single out S*" in single_out and "n=30" in single_out
+    # the t-test says S* is above the mean, but one random set beats it: the verdict says the two disagree
+    split = stats.verdict("IPO", stats.null_test(0.477, [0.30, 0.31, 0.26, 0.32, 0.49, 0.19]))
+    assert "t-test (which assumes" in split and "1 of the 6 random sets scores at least" in split
+    assert "single out" not in split
+    # S* above every random set, but 6 sets cannot give a rank p below 1/7
+    few_t = stats.verdict("IPO", stats.null_test(0.5, [0.1, 0.2, 0.45, 0.3, 0.12, 0.4]))
+    assert "t-test (which assumes" in few_t and "beats all 6 random sets" in few_t and "below 0.143" in few_t
+    few = stats.verdict("IPO", stats.null_test(0.5, [0.1, 0.499, 0.45, 0.48, 0.05, 0.47]))
+    assert "not distinguishable" in few and "beats all 6" in few and "t-test (which" not in few
+    below = stats.verdict("ITI", stats.null_test(0.25, [0.31, 0.26, 0.25, 0.26, 0.30, 0.27]))
+    assert "no evidence for the localization" in below and "8th percentile" in below  # the tie counts one half
+    assert "no random head sets" in stats.verdict("ITI", stats.null_test(0.3, []))
