@@ -65,6 +65,15 @@ def baseline_capture(lm, texts) -> np.ndarray:
     return out
 
 
+def computed_tokens(tokenizer, texts) -> int:
+    """Tokens locaudit's capture actually runs: each group's shared start once, then every text's remainder."""
+    from locaudit.activations import shared_prefix_groups
+
+    enc = [tokenizer(t)["input_ids"] for t in texts]
+    groups = shared_prefix_groups(enc)
+    return sum(n for n, _ in groups) + sum(len(enc[i]) - n for n, g in groups for i in g)
+
+
 def run(quick: bool) -> dict:
     from locaudit.activations import capture_last_token
 
@@ -91,7 +100,7 @@ def run(quick: bool) -> dict:
     return {
         "what": "last-token o^l of every head, all layers, for probe texts",
         "model": lm.name, "model_load_seconds": load_s,
-        "n_texts": len(texts), "n_tokens": int(sum(tok_counts)),
+        "n_texts": len(texts), "n_tokens": int(sum(tok_counts)), "computed_tokens": computed_tokens(lm.tokenizer, texts),
         "baseline": {"name": "honest_llama-style: batch 1, full LM forward (LM head, output_hidden_states), "
                              "o_proj pre-hooks copying all positions to CPU",
                      "seconds": b, "seconds_all_rounds": base_times, "texts_per_s": len(texts) / b},
