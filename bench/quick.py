@@ -104,11 +104,12 @@ def model_params(lm) -> dict:
 def eval_breakdown(run_dir: Path) -> dict:
     """Per evaluation stage (baseline, iti, ipo_eval), the summed `timings` of its trials: generate, mc, judge,
     text; plus the number of trials and the summed fit seconds recorded in IPO trials."""
-    stage_of = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}
+    from locaudit.runner import STAGE_OF
+
     out: dict = {}
     for f in sorted(run_dir.glob("trials/*/*.json")):
         r = json.loads(f.read_text())
-        d = out.setdefault(stage_of.get(r.get("method"), "other"), {"trials": 0})
+        d = out.setdefault(STAGE_OF.get(r.get("method"), "other"), {"trials": 0})
         d["trials"] += 1
         for k, v in (r.get("timings") or {}).items():
             d[k] = d.get(k, 0.0) + float(v)

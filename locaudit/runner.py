@@ -24,14 +24,19 @@ from locaudit.errors import LocauditError
 from locaudit.models import LoadedModel
 
 STAGE_OF = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}
+STAGES = ("iti", "ipo_train", "ipo_eval", "baseline")  # the per-arm stages whose seconds are summed
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers(device: torch.device) -> int:
     """One worker per core on a CPU (at most 8: each holds its own copy of the model), one on a GPU."""
     if device.type != "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8))
+    return max(1, min(available_cores(), 8))
 
 
 @dataclass
@@ -75,7 +80,7 @@ class ArmRunner:
     def run(self, arm) -> tuple[str, float | None, dict[str, float], int]:
         from locaudit.study import grid, select_value
 
-        seconds = {"iti": 0.0, "ipo_train": 0.0, "ipo_eval": 0.0, "baseline": 0.0}
+        seconds = dict.fromkeys(STAGES, 0.0)
         values = grid(arm, self.ctx.preset.study)
         n = 0
         if len(values) > 1:
@@ -166,7 +171,7 @@ def run_arms(ctx: StudyContext, arms: list, workers: int, progress: bool = True,
     directory, the cached model and judges (or unpickles the in-memory model and judges it is given)."""
     from tqdm.auto import tqdm
 
-    seconds = {"iti": 0.0, "ipo_train": 0.0, "ipo_eval": 0.0, "baseline": 0.0}
+    seconds = dict.fromkeys(STAGES, 0.0)
     selections: dict = {}
     # longest arms first (a fit, then evaluation; then ITI's validation and test trials; the baseline last), so
     # that parallel workers finish together instead of one running the last long arm alone
