@@ -3,6 +3,7 @@ byte-level tokenizer (no downloads), and the real TruthfulQA questions from ../s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,10 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     """Unit tests get an empty cache; integration tests share the user's cache (dequantised model, judges)."""
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+        judges = sys.modules.get("locaudit.evaluation.judges")
+        if judges is not None:  # the encoder's per-process memo is a cache too: unit tests start without it
+            for enc in judges.Encoder._shared.values():
+                enc.memo.clear()
 
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa"

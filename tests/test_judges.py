@@ -286,6 +286,8 @@ def test_judges_trained_in_parallel_equal_sequential(tmp_path, monkeypatch):
     scores, infos = {}, {}
     for n in (1, 2):
         monkeypatch.setattr(J, "TRAIN_PROCESSES", n)
+        J.Encoder.get().memo.clear()  # both builds start cold: the second embeds in two processes, not from memory
+        J.Encoder.get()._disk().unlink(missing_ok=True)
         models, info = J.train_default(data_dir, progress=False)
         scores[n] = [models[k].predict(qs, ans, J._embed(qs + ans, False)) for k in J.KINDS]
         infos[n] = {k: {m: v for m, v in info[k].items() if "seconds" not in m} for k in J.KINDS}

@@ -417,6 +417,25 @@ def test_model_cache_marker(tmp_path):
 
 
 @pytest.mark.integration
+def test_embedded_model_builds_from_an_empty_cache(smol, tmp_path, monkeypatch):
+    """A new user's first load: the GGUF is dequantised into an empty cache, the marker written last, and the
+    model equals the one the shared cache holds (a warm cache on a developer's machine never runs this path)."""
+    from locaudit.models import _MARKER, load_model
+    from locaudit.storage import cache_dir
+
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cold"))
+    assert not (cache_dir() / "models").exists()
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    (built,) = (cache_dir() / "models").iterdir()
+    marker = json.loads((built / _MARKER).read_text())
+    assert marker["files"]["model.safetensors"] == (built / "model.safetensors").stat().st_size > 10**8
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, smol.model(ids).logits)
+    assert not list(built.parent.glob("*.tmp*"))
+
+
+@pytest.mark.integration
 def test_corrupt_model_cache_is_rebuilt(smol, tmp_path, monkeypatch):
     """Truncate the dequantised weights of the embedded model in a private cache: detected and rebuilt."""
     from locaudit.models import _MARKER, embedded_gguf, load_model

@@ -205,6 +205,18 @@ def backbone_id() -> str:
                         "weights_bytes": (path / "model.safetensors").stat().st_size})
 
 
+def batch_cuts(n_texts: int, batch_size: int, parts: int) -> list[int]:
+    """Boundaries that split `n_texts` (sorted) texts into `parts` runs of whole batches.
+
+    cut[0] = 0 and cut[-1] = n_texts, so every text lies in exactly one part; every inner cut is a multiple of
+    `batch_size`, so each part embeds exactly the batches a single process would (same texts, same padding) and
+    the vectors do not depend on the number of processes."""
+    if batch_size < 1 or parts < 1 or n_texts < 0:
+        raise ValueError(f"batch_cuts needs batch_size >= 1, parts >= 1, n_texts >= 0 (got {batch_size}, {parts}, {n_texts})")
+    n_batches = -(-n_texts // batch_size)
+    return [min(n_texts, batch_size * (n_batches * k // parts)) for k in range(parts + 1)]
+
+
 class Encoder:
     """MiniLM sentence embeddings (mean pooling, unit norm), memoised per text for the process."""
 
@@ -214,7 +226,7 @@ class Encoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        self.path = path
+        self.path = Path(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -222,31 +234,23 @@ class Encoder:
         self.memo: dict[str, np.ndarray] = {}
 
     @classmethod
-    def get(cls) -> Encoder:
-        path = backbone_dir()
+    def get(cls, path: Path | None = None) -> Encoder:
+        """The process's shared encoder for `path` (default: the installed MiniLM backbone)."""
+        path = Path(path) if path is not None else backbone_dir()
         if str(path) not in cls._shared:
             cls._shared[str(path)] = cls(path)
         return cls._shared[str(path)]
 
     def encode(self, texts: Sequence[str], progress: bool = False, batch_size: int = 64,
-               processes: int | None = None) -> np.ndarray:
+               processes: int = 1) -> np.ndarray:
+        """Unit-norm embeddings of `texts` (rows in input order). `processes` > 1 embeds a large set of new texts
+        in that many spawned single-thread processes (the caller's choice: a plain call never starts any)."""
         import torch
 
         # similar lengths share a batch (less padding); ties in text order, so batches never depend on hashing
         todo = sorted({t for t in texts if t not in self.memo}, key=lambda t: (len(t), t))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = processes or TRAIN_PROCESSES or min(cores, 4)
-        if self.device == "cpu" and n > 1 and len(todo) >= 8 * batch_size:
-            # one single-thread process per core, each embedding whole batches of the same sorted list, so every
-            # text gets exactly the vector a single process would give it
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            cut = [batch_size * round(len(todo) / batch_size * k / n) for k in range(n + 1)]
-            with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
-                parts = pool.map(_encode_chunk, [todo[cut[k]:cut[k + 1]] for k in range(n)], [batch_size] * n)
-                for chunk, vecs in zip([todo[cut[k]:cut[k + 1]] for k in range(n)], parts):
-                    self.memo.update(zip(chunk, vecs))
+        if self.device == "cpu" and processes > 1 and len(todo) >= 8 * batch_size:
+            self.memo.update(zip(todo, encode_split(todo, batch_size, processes, self._spawn_map)))
             todo = []
         bar = tqdm(total=len(todo), desc="embedding texts (MiniLM)", unit="text", disable=not progress or not todo)
         threads = torch.get_num_threads()
@@ -268,6 +272,15 @@ class Encoder:
             bar.close()
         dim = self.model.config.hidden_size
         return np.stack([self.memo[t] for t in texts]).astype(np.float32) if len(texts) else np.zeros((0, dim), np.float32)
+
+    def _spawn_map(self, chunks: list[list[str]], batch_size: int) -> list[np.ndarray]:
+        """Embed each chunk in its own spawned single-thread process (safe under spawn: workers import only
+        this module and load the encoder from `self.path`)."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(chunks), mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(_encode_chunk, [str(self.path)] * len(chunks), chunks, [batch_size] * len(chunks)))
 
     # disk cache: lets a rebuild (new design version, corrupt cache) skip the ~3 minutes of embedding
     def _disk(self) -> Path:
@@ -299,12 +312,25 @@ class Encoder:
         atomic_write(self._disk(), write)
 
 
-def _encode_chunk(texts: list[str], batch_size: int) -> np.ndarray:
+def encode_split(todo: list[str], batch_size: int, parts: int, run_chunks) -> np.ndarray:
+    """Embeddings of the sorted texts `todo`, computed as `parts` runs of whole batches by
+    `run_chunks(chunks, batch_size) -> [vectors per chunk]` (a process pool, or anything that maps). Checks that
+    every text came back exactly once, so a bad split can never silently drop texts."""
+    cut = batch_cuts(len(todo), batch_size, parts)
+    chunks = [todo[cut[k]:cut[k + 1]] for k in range(parts) if cut[k + 1] > cut[k]]
+    parts_out = list(run_chunks(chunks, batch_size))
+    vecs = np.concatenate(parts_out) if parts_out else np.zeros((0, 0), np.float32)
+    if len(vecs) != len(todo):
+        raise AssertionError(f"embedding split returned {len(vecs)} vectors for {len(todo)} texts")
+    return vecs
+
+
+def _encode_chunk(path: str, texts: list[str], batch_size: int) -> np.ndarray:
     """Embeddings of `texts` (already sorted by length) in a worker process, on one thread."""
     import torch
 
     torch.set_num_threads(1)
-    return Encoder.get().encode(texts, batch_size=batch_size, processes=1)
+    return Encoder.get(Path(path)).encode(texts, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------ representations
@@ -598,7 +624,7 @@ def _embed(texts: Sequence[str], progress: bool) -> dict[str, np.ndarray]:
     if missing:
         enc.load_disk()
         missing = [t for t in texts if t not in enc.memo]
-    vecs = enc.encode(list(texts), progress=progress)
+    vecs = enc.encode(list(texts), progress=progress, processes=build_processes(4))
     if missing:
         enc.save_disk()
     return dict(zip(texts, vecs))
@@ -722,6 +748,12 @@ def default_version(data_dir=None) -> str:
 TRAIN_PROCESSES: int | None = None
 
 
+def build_processes(cap: int) -> int:
+    """Processes the judge build uses: TRAIN_PROCESSES if set, else one per available core, at most `cap`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return TRAIN_PROCESSES or min(cores, cap)
+
+
 def train_default(data_dir=None, progress: bool = True) -> tuple[dict[str, JudgeModel], dict[str, dict]]:
     """Validate, then fit the deployed truth and info judges on all labelled data. Returns (models, info)."""
     t0 = time.time()
@@ -730,8 +762,7 @@ def train_default(data_dir=None, progress: bool = True) -> tuple[dict[str, Judge
     emb = _embed(_needed_texts(list(data.values()), refs), progress)
     models, infos = {}, {}
     bar = tqdm(total=len(KINDS), desc="training judges", disable=not progress)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if (TRAIN_PROCESSES or cores) > 1:  # the two judges are independent single-threaded fits: one process each
+    if build_processes(len(KINDS)) > 1:  # the two judges are independent single-threaded fits: one process each
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
