@@ -123,8 +123,8 @@ def cmd_steer(args) -> None:
     if args.heads:
         heads = resolve_heads(lm, heads=args.heads)
     rows = run_steer(mcfg, dcfg, heads, args.alpha, [args.question] if args.question else None, probes=probes,
-                     top_k=args.top_k, fmt=args.format, lm=lm)
-    print(f"ITI at {len(rows[0]['heads'])} heads ({','.join(rows[0]['heads'])}), alpha={args.alpha}")
+                     top_k=args.top_k, fmt=args.format, placement=args.iti_placement, lm=lm)
+    print(f"ITI at {len(rows[0]['heads'])} heads ({','.join(rows[0]['heads'])}), alpha={args.alpha}, placement {args.iti_placement}")
     for r in rows:
         print(f"\nQ: {r['question']}\n  unsteered: {r['unsteered']}\n  steered:   {r['steered']}")
 
@@ -136,11 +136,15 @@ def cmd_fit(args) -> None:
                       random_k=args.random, all_heads=args.all_heads, full=args.full, objective=args.objective,
                       tau=args.tau, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, fmt=args.format,
                       max_train_pairs=args.max_train_pairs, max_val_pairs=args.max_val_pairs,
-                      sum_logprobs=args.sum_logprobs)
+                      sum_logprobs=args.sum_logprobs, max_steps=args.max_steps, eval_every=args.eval_every,
+                      patience=args.patience)
     b, s = summary["best"], summary["val_start"]
     print(f"{summary['edit_label']}: val {summary['config']['objective'].upper()} loss {s['val_loss']:.3f} -> {b['val_loss']:.3f}, "
           f"preference accuracy {s['val_pref_acc']:.3f} -> {b['val_pref_acc']:.3f} "
           f"({summary['n_train_pairs']} train / {summary['n_val_pairs']} val pairs, {summary['seconds']:.0f}s)")
+    print(f"fit status: {summary['status']} after {summary['steps']} steps at lr {summary['lr']:.3g}"
+          + (f" ({len(summary['attempts'])} earlier attempt(s) at higher learning rates never left the identity)"
+             if summary["attempts"] else ""))
     print(f"wrote {args.out}/edit.safetensors, edit.json, training_curve.png")
 
 
@@ -149,7 +153,8 @@ def cmd_eval(args) -> None:
 
     m = run_eval(*_configs(args), args.out, edit_dir=args.edit, iti=args.iti, heads=args.heads, top_k=args.top_k,
                  probes=args.probes, alpha=args.alpha, fmt=args.format, split=args.split, judge=args.judge,
-                 text_docs=args.text_docs, text_source=args.text, max_new_tokens=args.max_new_tokens)
+                 text_docs=args.text_docs, text_source=args.text, max_new_tokens=args.max_new_tokens,
+                 placement=args.iti_placement)
     keys = ("truth", "info", "truth_info", "mc1", "mc2", "ce", "kl", "n_questions")
     print("  ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     print(f"wrote {args.out}/metrics.json, answers.jsonl")
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_float, default=15.0)
     p.add_argument("--question", default=None)
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
+    p.add_argument("--iti-placement", default="iti", choices=["iti", "all"],
+                   help="iti (default): shift the last prompt token and generated tokens, MC answer tokens, every "
+                        "position for CE/KL, as ITI's code does; all: every position, the prompt included")
     p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("fit", help="train the optimal localized edit (IPO) at a head set, or full rank-1 LoRA")
@@ -240,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the validation pairs (default all; pi0 and every validation pass score them all)")
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
     p.add_argument("--sum-logprobs", action="store_true", help="sum answer-token log-probs instead of averaging")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="step cap (with --patience: train to the optimum)")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: once per epoch)")
+    p.add_argument("--patience", type=_positive_int, default=None,
+                   help="stop when validation loss has not improved by 1%% for N validations (needs --max-steps, --eval-every)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="generate, judge, MC1/MC2, CE and KL for no edit, ITI, or a fitted edit")
@@ -252,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--probes", type=Path, default=None)
     p.add_argument("--alpha", type=_float, default=15.0)
+    p.add_argument("--iti-placement", default="iti", choices=["iti", "all"],
+                   help="iti (default): shift the last prompt token and generated tokens, MC answer tokens, every "
+                        "position for CE/KL, as ITI's code does; all: every position, the prompt included")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
     p.add_argument("--judge", default="default", help="default, hf:TRUTH_DIR,INFO_DIR or openai:BASE_URL#TRUTH_MODEL,INFO_MODEL")
@@ -269,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("run", help="the whole study, resumable, with statistics and an HTML report")
-    p.add_argument("--preset", default="quick", help="smoke, quick, paper, or a .toml file")
+    p.add_argument("--preset", default="quick", help="smoke, demo, quick (default), paper, or a .toml file")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<timestamp>)")
     for flag in ("--model", "--device", "--dtype", "--data-dir"):
         p.add_argument(flag, default=None)

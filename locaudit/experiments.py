@@ -73,7 +73,7 @@ def resolve_heads(lm: LoadedModel, heads: str | None = None, top_k: int | None =
 
 def run_steer(mcfg: ModelConfig, dcfg: DataConfig, heads: HeadSet | None, alpha: float, questions: list[str] | None = None,
               probes: ProbeResult | None = None, top_k: int | None = None, fmt: str = "qa", max_new_tokens: int = 50,
-              lm: LoadedModel | None = None, progress: bool = True) -> list[dict]:
+              placement: str = "iti", lm: LoadedModel | None = None, progress: bool = True) -> list[dict]:
     """Answers with and without ITI at `heads` (or the top-k probe heads) for the given questions
     (default: the first test questions)."""
     from locaudit.evaluation.generation import generate_answers
@@ -87,7 +87,7 @@ def run_steer(mcfg: ModelConfig, dcfg: DataConfig, heads: HeadSet | None, alpha:
         heads = probes.top(top_k or 16)
     heads.validate(lm.arch.n_layers, lm.arch.n_heads)
     qs = questions or [q.question for q in split.test[:3]]
-    iti = ITI.from_probes(heads, probes, alpha)
+    iti = ITI.from_probes(heads, probes, alpha, placement=placement)
     answers = {}
     for name, edit in (("unsteered", NoEdit()), ("steered", iti)):
         with edit.attach(lm):
@@ -98,37 +98,40 @@ def run_steer(mcfg: ModelConfig, dcfg: DataConfig, heads: HeadSet | None, alpha:
             for q, b, s in zip(qs, base, steered)]
 
 
-def make_edit(lm: LoadedModel, heads: HeadSet | None, seed: int = 0):
-    """LocalizedRank1 at `heads`, or FullRank1 (ordinary rank-1 LoRA on every W^l) when heads is None."""
+def make_edit(lm: LoadedModel, heads: HeadSet | None, seed: int = 0, scale: float = 1.0):
+    """LocalizedRank1 at `heads`, or FullRank1 (ordinary rank-1 LoRA on every W^l) when heads is None; `scale`
+    is the LoRA scale (PEFT's lora_alpha / r, `FitConfig.lora_scale`)."""
     from locaudit.interventions import FullRank1, LocalizedRank1
 
-    return FullRank1(lm.arch, seed=seed) if heads is None else LocalizedRank1(heads, lm.arch, seed=seed)
+    if heads is None:
+        return FullRank1(lm.arch, seed=seed, scale=scale)
+    return LocalizedRank1(heads, lm.arch, seed=seed, scale=scale)
 
 
 def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = None, top_k: int | None = None,
             probes: Path | None = None, random_k: int | None = None, all_heads: bool = False, full: bool = False,
             objective: str = "ipo", tau: float = 0.1, epochs: int = 2, lr: float | None = None, batch_size: int = 4,
             fmt: str = "qa", max_train_pairs: int | None = None, max_val_pairs: int | None = None,
-            sum_logprobs: bool = False,
-            lm: LoadedModel | None = None, progress: bool = True) -> dict:
+            sum_logprobs: bool = False, max_steps: int | None = None, eval_every: int | None = None,
+            patience: int | None = None, lm: LoadedModel | None = None, progress: bool = True) -> dict:
     """Fit the optimal edit at a head set (or full rank-1 LoRA); write edit.safetensors, edit.json and
     training_curve.png under `out`; return the edit.json record."""
     from locaudit.data.examples import preference_pairs
     from locaudit.figures import training_curve
-    from locaudit.training import FitConfig, fit, fit_summary
+    from locaudit.training import FitConfig, fit_summary, fit_to_optimum
 
     cfg = FitConfig(objective=objective, tau=tau, epochs=epochs, lr=lr, batch_size=batch_size, fmt=fmt,
                     max_train_pairs=max_train_pairs, max_val_pairs=max_val_pairs,
-                    average_logprobs=not sum_logprobs, seed=dcfg.seed)
+                    average_logprobs=not sum_logprobs, seed=dcfg.seed, max_steps=max_steps, eval_every=eval_every,
+                    patience=patience)
     out = prepare_out_dir(out)
     lm = lm or load(mcfg)
     hs = None if full else resolve_heads(lm, heads=heads, top_k=top_k, probes=probes, random_k=random_k,
                                          seed=dcfg.seed, all_=all_heads)
     split = dcfg.load_split()
-    edit = make_edit(lm, hs, seed=dcfg.seed)
     n_heads = None if (hs is None or len(hs) == lm.arch.n_total_heads) else len(hs)
-    result = fit(lm, edit, preference_pairs(split.train), preference_pairs(split.val), cfg, n_heads=n_heads,
-                 progress=progress)
+    result = fit_to_optimum(lm, lambda: make_edit(lm, hs, seed=dcfg.seed, scale=cfg.lora_scale), preference_pairs(split.train),
+                            preference_pairs(split.val), cfg, n_heads=n_heads, progress=progress)
     label = "full" if hs is None else hs.label
     summary = {"model": lm.name, "edit_label": label, "heads": "all (full rank-1 LoRA)" if hs is None else hs.names,
                "split_hash": split.hash, "data": asdict(dcfg), **fit_summary(result),
@@ -161,6 +164,9 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
     report. Every finished trial is a file under `out/trials`; rerunning skips it. `lm` and `judges` may be
     passed in (already loaded) instead of being loaded from the preset. Arms run in `workers` processes
     (default: one per CPU core, one on a GPU; see `runner`)."""
+    from tqdm.auto import tqdm
+
+    from locaudit.data.truthfulqa import composition, describe_composition
     from locaudit.evaluation.lm_metrics import text_metrics_for
     from locaudit.report import write_report
     from locaudit.runner import StudyContext, default_workers, run_arms
@@ -217,6 +223,9 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
         _reference_once(lm, split, preset.fit, progress)  # every fit shares pi0: compute (or load) it once, here
     stage_seconds["pi0"] = time.time() - t0
     ctx = StudyContext(preset, out, lm, probes, None if deferred else judges, text, split)
+    samples = {"val": composition(ctx.val_q), "test": composition(ctx.test_q)}
+    if progress:
+        tqdm.write(f"validation questions {describe_composition(ctx.val_q)}\ntest questions {describe_composition(ctx.test_q)}")
     workers = default_workers(lm.device) if workers is None else max(1, int(workers))
     t0 = time.time()
     selections, arm_seconds = run_arms(ctx, arms, workers, progress=progress, judge_spec=given_judges)
@@ -227,7 +236,7 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
     atomic_write_json(out / "run.json", {"selections": selections, "judged": not deferred,
                                          "stage_seconds": stage_seconds, "workers": workers,
                                          "split_hash": split.hash, "n_val_questions": len(ctx.val_q),
-                                         "n_test_questions": len(ctx.test_q), "model": lm.name,
+                                         "n_test_questions": len(ctx.test_q), "samples": samples, "model": lm.name,
                                          "arch": {"n_layers": lm.arch.n_layers, "n_heads": lm.arch.n_heads,
                                                   "head_dim": lm.arch.head_dim, "family": lm.arch.family.name}})
     if deferred:
@@ -306,8 +315,8 @@ def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
 def run_eval(mcfg: ModelConfig, dcfg: DataConfig, out: Path, edit_dir: Path | None = None, iti: bool = False,
              heads: str | None = None, top_k: int | None = None, probes: Path | None = None, alpha: float = 15.0,
              fmt: str = "qa", split: str = "test", judge: str = "default", text_docs: int = 100,
-             text_source: str = "wiki", max_new_tokens: int = 50, lm: LoadedModel | None = None,
-             progress: bool = True) -> dict:
+             text_source: str = "wiki", max_new_tokens: int = 50, placement: str = "iti",
+             lm: LoadedModel | None = None, progress: bool = True) -> dict:
     """Evaluate no edit, ITI, or a saved edit on a split; write metrics.json and answers.jsonl under `out`."""
     from locaudit.evaluation.judges import load_judges
     from locaudit.evaluation.lm_metrics import text_metrics_for
@@ -322,7 +331,7 @@ def run_eval(mcfg: ModelConfig, dcfg: DataConfig, out: Path, edit_dir: Path | No
     elif iti:
         probe_result = ProbeResult.load(probes) if probes is not None else probe_heads(lm, sp, seed=dcfg.seed, progress=progress)
         hs = resolve_heads(lm, heads=heads, top_k=None if heads else (top_k or 16), probe_result=probe_result)
-        edit = ITI.from_probes(hs, probe_result, alpha)
+        edit = ITI.from_probes(hs, probe_result, alpha, placement=placement)
     else:
         edit = NoEdit()
     judges = load_judges(judge, data_dir=dcfg.data_dir, progress=progress)

@@ -74,3 +74,43 @@ def scatter(points: Sequence[dict], x: str, y: str, path: Path, title: str, grou
     if groups:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def tradeoff_curves(curves: Sequence[dict], x: str, y: str, path: Path, title: str) -> Path:
+    """One line per arm through its hyper-parameter grid (the paper's trade-off figures): `curves` are
+    {"label", "kind" (top | random | full | baseline), "points": [{x, y, "hp"}]}; S* and full alignment are drawn
+    bold, random sets thin grey."""
+    style = {"top": dict(color="C3", lw=2.2, marker="o", zorder=3), "full": dict(color="C0", lw=2.2, marker="s", zorder=3),
+             "random": dict(color="0.55", lw=0.9, marker=".", zorder=2), "baseline": dict(color="k", marker="*", ms=12, lw=0)}
+    fig, ax = plt.subplots(figsize=(5.8, 4.2))
+    seen = set()
+    for c in curves:
+        pts = [p for p in c["points"] if p.get(x) is not None and p.get(y) is not None]
+        if not pts:
+            continue
+        kw = dict(style.get(c["kind"], {}))
+        label = c["label"] if c["kind"] != "random" else "random sets"
+        ax.plot([p[x] for p in pts], [p[y] for p in pts], label=None if label in seen else label, **kw)
+        seen.add(label)
+        if c["kind"] == "top":
+            for p in pts:
+                ax.annotate(f"{p['hp']:g}", (p[x], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(x); ax.set_ylabel(y); ax.set_title(title); ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def effect_vs_probe(points: Sequence[dict], full_low: float | None, path: Path, title: str) -> Path:
+    """Single heads: the optimal edit's True*Info against the head's probe accuracy (the paper's Figure 6)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for reach in (False, True):
+        pts = [p for p in points if p["reaches_full"] == reach]
+        ax.scatter([p["probe_acc"] for p in pts], [p["truth_info"] for p in pts], s=30, color="C2" if reach else "C7",
+                   label="reaches full alignment's interval" if reach else "below it")
+    for p in points:
+        ax.annotate(p["arm"].replace("ipo-single-", ""), (p["probe_acc"], p["truth_info"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if full_low is not None:
+        ax.axhline(full_low, color="C0", ls="--", lw=1.5, label=f"full alignment 95% CI low = {full_low:.3f}")
+    ax.set_xlabel("probe validation accuracy"); ax.set_ylabel("True*Info (test)"); ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -7,13 +7,26 @@ Every intervention edits layer l's attention output r^{l+1} = r^l + W^l o^l and 
 - `save(dir)` / `load_intervention(dir)`: `edit.safetensors` + `edit.json`.
 
 Kinds:
-- `ITI` (Li et al. 2023, eq. 5 of Wang & Veitch): o_h^l += alpha * sigma_h^l * u_h^l for heads in S, at every
-  position. `merge` folds W^l (alpha sigma u) into the bias of W^l.
+- `ITI` (Li et al. 2023, eq. 5 of Wang & Veitch): o_h^l += alpha * sigma_h^l * u_h^l for heads in S, at the
+  positions its `placement` selects. `placement="iti"` (the default) follows ITI's own code
+  (honest_llama's `lt_modulated_vector_add`): in generation the last prompt token and every generated token,
+  in MC scoring the answer tokens only, on plain text (CE/KL) every token; the instruction / few-shot primer
+  and the question are never shifted. `placement="all"` shifts every position of every forward pass; only
+  that version is a bias, so only it can be merged (`merge` folds W^l (alpha sigma u) into the bias of W^l).
 - `LocalizedRank1` (the paper's reparameterised rank-1 LoRA): r^{l+1} = r^{l+1}_orig + <a^l, o^l> W^l b^l,
   with b^l zero outside the heads of S in layer l. b^l is stored only on S's slices, so entries outside S are
   structurally zero. Equivalent to o^l <- o^l + <a^l, o^l> b^l; merged: W^l <- W^l + W^l b^l a^l^T.
 - `FullRank1`: ordinary rank-1 LoRA on every W^l: W^l <- W^l + B^l A^l (B: d_model x 1, A: 1 x H*d).
 Initialisation follows LoRA: the output-side factor (b, B) is zero, so the edit starts as the identity.
+Weight edits (LocalizedRank1, FullRank1, NoEdit) act at every position, as in the paper.
+
+Edit positions. Evaluation code does not know which edit is attached; it declares, for the forward passes it
+is about to run, which token positions a position-selective edit acts on: `with edit_positions(lm, mask):`
+with `mask` a (batch, tokens) bool tensor over exactly the tokens of those forwards, or None for every
+position (the default when nothing is declared). Generation declares its prefill's last column (the last
+prompt token; rows are left-padded) and every decoded token; answer scoring declares the answer tokens (and
+no prompt or prefix token); the shared prefix (`scoring.prefix_kv`) declares none; CE/KL declares every
+token. Only `ITI` with `placement="iti"` reads the declaration; every other edit ignores it.
 """
 
 from __future__ import annotations
@@ -33,17 +46,48 @@ from locaudit.models import Arch, LoadedModel
 from locaudit.storage import atomic_write, atomic_write_json, read_json
 
 
+_POSITIONS = "_locaudit_edit_positions"  # attribute of lm.model holding the declared positions
+_ALL = object()  # nothing declared: every position
+
+
+@contextlib.contextmanager
+def edit_positions(lm: LoadedModel, mask: torch.Tensor | None) -> Iterator[None]:
+    """Declare where a position-selective edit (ITI with `placement="iti"`) acts in the forwards run inside
+    the block: `mask` is a (batch, tokens) bool tensor over the input tokens of each of those forwards
+    (True: shift this position), or None for every position. Declarations nest; the innermost wins, and
+    leaving the block restores the outer one. Weight edits ignore it."""
+    model = lm.model
+    old = model.__dict__.get(_POSITIONS, _ALL)
+    if mask is not None:
+        mask = torch.as_tensor(mask, device=lm.device).bool()
+        if mask.dim() != 2:
+            raise LocauditError(f"edit positions must be a (batch, tokens) mask, got shape {tuple(mask.shape)}")
+    object.__setattr__(model, _POSITIONS, mask)
+    try:
+        yield
+    finally:
+        if old is _ALL:
+            model.__dict__.pop(_POSITIONS, None)
+        else:
+            object.__setattr__(model, _POSITIONS, old)
+
+
+def declared_positions(lm: LoadedModel) -> torch.Tensor | None:
+    """The (batch, tokens) mask declared by the innermost `edit_positions` block, or None (every position)."""
+    return lm.model.__dict__.get(_POSITIONS)
+
+
 class Intervention(nn.Module):
     kind = "base"
 
-    def _hooks(self, arch: Arch) -> list:  # pragma: no cover - abstract
+    def _hooks(self, lm: LoadedModel) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @contextlib.contextmanager
     def attach(self, lm: LoadedModel) -> Iterator["Intervention"]:
         """Install this edit's hooks on `lm` for the duration of the `with` block."""
         self.to(lm.device)
-        handles = self._hooks(lm.arch)
+        handles = self._hooks(lm)
         try:
             yield self
         finally:
@@ -75,7 +119,7 @@ class NoEdit(Intervention):
 
     kind = "none"
 
-    def _hooks(self, arch: Arch) -> list:
+    def _hooks(self, lm: LoadedModel) -> list:
         return []
 
     def merge(self, lm: LoadedModel) -> None:
@@ -85,24 +129,37 @@ class NoEdit(Intervention):
         return True
 
 
+PLACEMENTS = ("iti", "all")
+
+
 class ITI(Intervention):
-    """Inference-time intervention: add alpha * sigma * u to each selected head's slice of o^l."""
+    """Inference-time intervention: add alpha * sigma * u to each selected head's slice of o^l.
+
+    `placement`: "iti" (default) shifts only the positions evaluation code declares (`edit_positions`): ITI's
+    own protocol (last prompt token and generated tokens in generation, answer tokens in MC scoring, every
+    token of plain text); "all" shifts every position of every forward, prompt and few-shot primer included,
+    which is what a bias does (`merge`)."""
 
     kind = "iti"
 
-    def __init__(self, heads: HeadSet, directions: torch.Tensor, sigmas: torch.Tensor, alpha: float):
+    def __init__(self, heads: HeadSet, directions: torch.Tensor, sigmas: torch.Tensor, alpha: float,
+                 placement: str = "iti"):
         """directions: (len(heads), d) unit vectors u; sigmas: (len(heads),); in `heads` order."""
         super().__init__()
+        if placement not in PLACEMENTS:
+            raise LocauditError(f"unknown ITI placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
         self.heads = heads
         self.alpha = float(alpha)
+        self.placement = placement
         self.register_buffer("u", torch.as_tensor(directions, dtype=torch.float32))
         self.register_buffer("sigma", torch.as_tensor(sigmas, dtype=torch.float32))
 
     @classmethod
-    def from_probes(cls, heads: HeadSet, probes, alpha: float) -> "ITI":
+    def from_probes(cls, heads: HeadSet, probes, alpha: float, placement: str = "iti") -> "ITI":
         idx_l = [h.layer for h in heads]
         idx_h = [h.head for h in heads]
-        return cls(heads, torch.as_tensor(probes.directions[idx_l, idx_h]), torch.as_tensor(probes.sigmas[idx_l, idx_h]), alpha)
+        return cls(heads, torch.as_tensor(probes.directions[idx_l, idx_h]), torch.as_tensor(probes.sigmas[idx_l, idx_h]),
+                   alpha, placement)
 
     def layer_shifts(self, arch: Arch) -> dict[int, torch.Tensor]:
         """{l: the (H*d,) vector added to o^l}: alpha * sigma_h * u_h in each selected head's slice."""
@@ -112,17 +169,31 @@ class ITI(Intervention):
             v[arch.head_slice(h.head)] += self.alpha * self.sigma[i] * self.u[i]
         return shifts
 
-    def _hooks(self, arch: Arch) -> list:
+    def _hooks(self, lm: LoadedModel) -> list:
+        arch = lm.arch
         self.heads.validate(arch.n_layers, arch.n_heads)
+        selective = self.placement == "iti"
         handles = []
         for l, v in self.layer_shifts(arch).items():
             def hook(module, args, v=v):
-                return (args[0] + v.to(args[0].dtype),) + tuple(args[1:])
+                o = args[0]
+                shift = v.to(o.dtype)
+                mask = declared_positions(lm) if selective else None
+                if mask is not None:
+                    if tuple(mask.shape) != tuple(o.shape[:2]):
+                        raise LocauditError(f"declared edit positions {tuple(mask.shape)} do not match the forward's "
+                                            f"(batch, tokens) {tuple(o.shape[:2])}")
+                    shift = mask.unsqueeze(-1).to(device=o.device, dtype=o.dtype) * shift
+                return (o + shift,) + tuple(args[1:])
             handles.append(arch.out_proj(l).register_forward_pre_hook(hook))
         return handles
 
     def merge(self, lm: LoadedModel) -> None:
-        """Bake: bias of W^l += W^l (alpha sigma u), which adds the same vector at every position."""
+        """Bake: bias of W^l += W^l (alpha sigma u), which adds the same vector at every position; so only
+        `placement="all"` can be merged."""
+        if self.placement != "all":
+            raise LocauditError(f"an ITI edit with placement {self.placement!r} shifts only some positions, which no "
+                                f"bias reproduces; only placement 'all' can be merged into the weights")
         arch = lm.arch
         for l, v in self.layer_shifts(arch).items():
             W = arch.W(l)
@@ -132,7 +203,8 @@ class ITI(Intervention):
         return self.alpha == 0.0
 
     def config(self) -> dict:
-        return {"kind": self.kind, "heads": self.heads.names, "alpha": self.alpha, "label": self.heads.label}
+        return {"kind": self.kind, "heads": self.heads.names, "alpha": self.alpha, "label": self.heads.label,
+                "placement": self.placement}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"u": self.u, "sigma": self.sigma}
@@ -149,9 +221,11 @@ class LocalizedRank1(Intervention):
 
     kind = "localized"
 
-    def __init__(self, heads: HeadSet, arch: Arch, seed: int = 0):
+    def __init__(self, heads: HeadSet, arch: Arch, seed: int = 0, scale: float = 1.0):
+        """`scale` multiplies the edit, as PEFT's lora_alpha / r does (see `FitConfig.lora_scale`)."""
         super().__init__()
         heads.validate(arch.n_layers, arch.n_heads)
+        self.scale = float(scale)
         self.heads = heads
         self.n_heads, self.head_dim = arch.n_heads, arch.head_dim
         self.layers = list(heads.by_layer())
@@ -170,31 +244,32 @@ class LocalizedRank1(Intervention):
         full = full.index_copy(0, torch.tensor(self.head_idx[layer], device=bs.device), bs)
         return full.reshape(-1)
 
-    def _hooks(self, arch: Arch) -> list:
+    def _hooks(self, lm: LoadedModel) -> list:
+        arch = lm.arch
         handles = []
         for l in self.layers:
             def hook(module, args, l=l):
                 o = args[0]
                 a = self.a[str(l)].to(o.dtype)
                 b = self.b(l).to(o.dtype)
-                return (o + (o @ a).unsqueeze(-1) * b,) + tuple(args[1:])
+                return (o + self.scale * (o @ a).unsqueeze(-1) * b,) + tuple(args[1:])
             handles.append(arch.out_proj(l).register_forward_pre_hook(hook))
         return handles
 
     def merge(self, lm: LoadedModel) -> None:
-        """W^l <- W^l + W^l b^l a^l^T, exactly the hooked edit."""
+        """W^l <- W^l + scale W^l b^l a^l^T, exactly the hooked edit."""
         arch = lm.arch
         for l in self.layers:
             W = arch.W(l).float()
             a, b = self.a[str(l)].detach().float().to(W.device), self.b(l).detach().float().to(W.device)
-            arch.add_to_W(l, torch.outer(W @ b, a))
+            arch.add_to_W(l, self.scale * torch.outer(W @ b, a))
 
     def is_identity(self) -> bool:
         """b = 0 (as at initialisation) makes <a, o> W b vanish."""
         return all(not bool(p.detach().any()) for p in self.b_s.values())
 
     def config(self) -> dict:
-        return {"kind": self.kind, "heads": self.heads.names, "label": self.heads.label}
+        return {"kind": self.kind, "heads": self.heads.names, "label": self.heads.label, "scale": self.scale}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -220,8 +295,9 @@ class FullRank1(Intervention):
 
     kind = "full"
 
-    def __init__(self, arch: Arch, seed: int = 0, layers: list[int] | None = None):
+    def __init__(self, arch: Arch, seed: int = 0, layers: list[int] | None = None, scale: float = 1.0):
         super().__init__()
+        self.scale = float(scale)
         g = torch.Generator().manual_seed(seed)
         width = arch.n_heads * arch.head_dim
         self.all_layers = layers is None
@@ -232,29 +308,30 @@ class FullRank1(Intervention):
         self.A = nn.ParameterDict({str(l): nn.Parameter(_lora_a_init(width, g).view(1, width)) for l in self.layers})
         self.B = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(arch.d_model, 1)) for l in self.layers})
 
-    def _hooks(self, arch: Arch) -> list:
+    def _hooks(self, lm: LoadedModel) -> list:
+        arch = lm.arch
         handles = []
         for l in self.layers:
             def hook(module, args, output, l=l):
                 o = args[0]
                 A, B = self.A[str(l)].to(o.dtype), self.B[str(l)].to(o.dtype)
-                return output + (o @ A.t()) @ B.t()
+                return output + self.scale * ((o @ A.t()) @ B.t())
             handles.append(arch.out_proj(l).register_forward_hook(hook))
         return handles
 
     def merge(self, lm: LoadedModel) -> None:
         for l in self.layers:
             W = lm.arch.W(l)
-            lm.arch.add_to_W(l, (self.B[str(l)].detach().float() @ self.A[str(l)].detach().float()).to(W.device))
+            lm.arch.add_to_W(l, (self.scale * self.B[str(l)].detach().float() @ self.A[str(l)].detach().float()).to(W.device))
 
     def is_identity(self) -> bool:
         return all(not bool(p.detach().any()) for p in self.B.values())
 
     def config(self) -> dict:
         if self.all_layers:
-            return {"kind": self.kind, "heads": "all (full rank-1 LoRA)", "label": "full"}
+            return {"kind": self.kind, "heads": "all (full rank-1 LoRA)", "label": "full", "scale": self.scale}
         return {"kind": self.kind, "heads": f"all heads of layers {self.layers} (rank-1 LoRA)", "label": "layers",
-                "layers": self.layers}
+                "layers": self.layers, "scale": self.scale}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"A.{l}": self.A[str(l)] for l in self.layers}, **{f"B.{l}": self.B[str(l)] for l in self.layers}}
@@ -282,17 +359,19 @@ def load_intervention(path: Path, arch: Arch) -> Intervention:
     kind = meta.get("kind")
     try:
         if kind == "localized":
-            edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch)
+            edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch,
+                                  scale=float(meta.get("scale", 1.0)))
             edit.load_tensors(tensors)
         elif kind == "full":
-            edit = FullRank1(arch, layers=meta.get("layers"))
+            edit = FullRank1(arch, layers=meta.get("layers"), scale=float(meta.get("scale", 1.0)))
             edit.load_tensors(tensors)
         elif kind == "iti":
             heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
             u, sigma = tensors["u"], tensors["sigma"]
             if tuple(u.shape) != (len(heads), arch.head_dim) or tuple(sigma.shape) != (len(heads),):
                 raise ValueError(f"u/sigma shapes {tuple(u.shape)}/{tuple(sigma.shape)} do not fit {len(heads)} heads of size {arch.head_dim}")
-            edit = ITI(heads, u, sigma, float(meta["alpha"]))
+            # edits saved before placements existed shifted every position
+            edit = ITI(heads, u, sigma, float(meta["alpha"]), placement=meta.get("placement", "all"))
         elif kind == "none":
             edit = NoEdit()
         else:

@@ -56,24 +56,61 @@ def _fmt(v, nd=3) -> str:
     return str(v)
 
 
-def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0) -> dict:
-    """Null tests (ITI, IPO), intervals, fraction of full alignment, single-head counts, verdicts."""
+def fit_status(row: dict) -> str | None:
+    """How the arm's fit ended (training.STATUSES), or None for arms without a fit (baseline, ITI)."""
+    return (row.get("fit") or {}).get("status")
+
+
+# metrics compared between S* and the random null besides True*Info: True*Info as ITI computes it (product of
+# the rates of answers judged true / informative), MC1, MC2 (higher is better) and KL (lower is better)
+SIDE_METRICS = ("truth_info_pct", "mc1", "mc2", "kl")
+
+
+def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc: np.ndarray | None = None) -> dict:
+    """Null tests (ITI, IPO) on True*Info and the side metrics, intervals, fraction of full alignment, single
+    heads against full alignment and against their probe accuracy, fit statuses, verdicts.
+
+    A fit that never left the identity ("stuck", after its retries) is not an optimal edit at its location: it
+    is left out of the random null and listed, never counted silently."""
     by_group = lambda method, group: [r for r in tests.values() if r["method"] == method and r["group"] == group]  # noqa: E731
     out: dict = {"arms": {}}
     for name, r in tests.items():
         t, i = _per_q(r)
         lo, hi = stats.truth_info_ci(t, i, n_boot=n_boot, seed=seed)
         out["arms"][name] = {"truth_info": r["truth_info"], "ci": [lo, hi], "n_questions": r["n_questions"],
-                             "group": r["group"], "method": r["method"]}
+                             "group": r["group"], "method": r["method"], "fit_status": fit_status(r)}
+    fitted = {name: fit_status(r) for name, r in tests.items() if fit_status(r) is not None}
+    out["fits"] = {"n": len(fitted), "by_status": {k: sum(v == k for v in fitted.values()) for k in sorted(set(fitted.values()))},
+                   "stuck": sorted(n for n, v in fitted.items() if v == "stuck"),
+                   "not_converged": sorted(n for n, v in fitted.items() if v in ("step_cap", "fixed_schedule"))}
     full = tests.get("full")
     for method, label in (("iti", "ITI"), ("ipo", "Optimal edit (IPO)")):
         top = by_group(method, "top")
-        rand = by_group(method, "random")
+        rand = [r for r in by_group(method, "random") if fit_status(r) != "stuck"]
         if not top:
             continue
         test = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in rand])
-        res = {"top_arm": top[0]["arm"], "test": test.as_dict(), "verdict": stats.verdict(label, test),
-               "random_scores": [r["truth_info"] for r in rand]}
+        verdict = stats.verdict(label, test)
+        unconverged = [r["arm"] for r in top + rand if fit_status(r) in ("step_cap", "fixed_schedule")]
+        if unconverged:
+            verdict += (f" Caution: {len(unconverged)} of the {len(top) + len(rand)} fits compared here were not trained to "
+                        f"convergence (fixed schedule or step cap), so they measure how fast a location learns, not its "
+                        f"optimal edit.")
+        res = {"top_arm": top[0]["arm"], "test": test.as_dict(), "verdict": verdict,
+               "random_scores": [r["truth_info"] for r in rand],
+               "excluded_stuck": [r["arm"] for r in by_group(method, "random") if fit_status(r) == "stuck"]}
+        res["side_metrics"] = {}
+        for metric in SIDE_METRICS:
+            if top[0].get(metric) is None or any(r.get(metric) is None for r in rand):
+                continue
+            sign = -1.0 if metric == "kl" else 1.0  # the null test asks "is S* better": KL is better when lower
+            t_m = stats.null_test(sign * top[0][metric], [sign * r[metric] for r in rand])
+            entry = {**t_m.as_dict(), "target": top[0][metric], "random_mean": sign * t_m.random_mean,
+                     "higher_is_better": sign > 0, "random_scores": [r[metric] for r in rand]}
+            per = top[0]["per_question"].get(metric)
+            if per is not None and len(per) > 1:
+                entry["ci"] = list(stats.mean_ci(per, n_boot=n_boot, seed=seed))
+            res["side_metrics"][metric] = entry
         if full is not None and method == "ipo":
             ratios = {}
             for r in top + rand:
@@ -81,17 +118,28 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0) -> dict:
                 ratios[r["arm"]] = {"ratio": p, "ci": [lo, hi]}
             res["fraction_of_full"] = ratios
         out[method] = res
-    singles = by_group("ipo", "single-random")
+    singles = [r for r in by_group("ipo", "single-random") if fit_status(r) != "stuck"]
     if full is not None:
         lo_full = out["arms"]["full"]["ci"][0]
         out["single"] = {
             "n": len(singles), "full_ci_low": lo_full,
             "n_reaching_full": int(sum(r["truth_info"] >= lo_full for r in singles)),
             "scores": {r["arm"]: r["truth_info"] for r in singles},
+            "excluded_stuck": [r["arm"] for r in by_group("ipo", "single-random") if fit_status(r) == "stuck"],
         }
         best = by_group("ipo", "single-best")
         if best:
             out["single"]["best_probe_head"] = {"arm": best[0]["arm"], "truth_info": best[0]["truth_info"]}
+        if probe_acc is not None:
+            pts = []
+            for r in singles + [b for b in best if fit_status(b) != "stuck"]:
+                (l, h), = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in r["heads"].split(",")]
+                pts.append({"arm": r["arm"], "probe_acc": float(probe_acc[l, h]), "truth_info": r["truth_info"],
+                            "reaches_full": bool(r["truth_info"] >= lo_full)})
+            out["single"]["vs_probe"] = pts
+            if len(pts) >= 3:
+                rho, p = stats.spearman(np.array([q["probe_acc"] for q in pts]), np.array([q["truth_info"] for q in pts]))
+                out["single"]["spearman"] = {"rho": rho, "p": p, "n": len(pts)}
     return out
 
 
@@ -148,7 +196,8 @@ def write_report(run_dir: Path) -> dict:
         w.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
     atomic_write_text(run_dir / "results.csv", buf.getvalue())
 
-    st = compute_stats(tests, n_boot)
+    probe_npz = run_dir / "probes" / "probes.npz"
+    st = compute_stats(tests, n_boot, probe_acc=np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None)
     judge = next((r.get("judge") for r in trials if r.get("judge")), None)
     results = {"config": config, "run": run, "stats": st, "judge": judge,
                "rows": [{k: v for k, v in r.items() if k != "per_question"} for r in trials]}
@@ -180,6 +229,26 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict) -> dict[s
             marks["S* (IPO)"] = tests[st["ipo"]["top_arm"]]["truth_info"]
         out["hist_single"] = figures.null_histogram(list(st["single"]["scores"].values()), fdir / "hist_single.png", marks,
                                                     "True*Info (test)", "Optimal edit at single random heads")
+    # trade-off curves through each arm's grid on validation questions (every grid value has a validation trial)
+    for method, hp, title in (("iti", "alpha", "ITI"), ("ipo", "tau", "Optimal edit (IPO)")):
+        curves = []
+        for r_arm in sorted({r["arm"] for r in trials if r["method"] in (method, "full" if method == "ipo" else method)}):
+            rows = sorted((r for r in trials if r["arm"] == r_arm and r["split"] == "val"), key=lambda r: r[hp] or 0)
+            if rows:
+                kind = "full" if rows[0]["method"] == "full" else rows[0]["group"]
+                if kind in ("top", "random", "full"):
+                    curves.append({"label": {"top": "S* (probe heads)", "full": "full alignment"}.get(kind, r_arm),
+                                   "kind": kind, "points": [{**r, "hp": r[hp]} for r in rows]})
+        if any(len(c["points"]) > 1 for c in curves):
+            for x, y, name in (("info", "truth", "truth_info"), ("kl", "mc2", "kl_mc2")):
+                if all(p.get(x) is not None for c in curves for p in c["points"]):
+                    out[f"tradeoff_{method}_{name}"] = figures.tradeoff_curves(
+                        curves, x, y, fdir / f"tradeoff_{method}_{name}.png",
+                        f"{title}: {y} vs {x} over the {hp} grid (validation)")
+    if "single" in st and st["single"].get("vs_probe"):
+        out["single_vs_probe"] = figures.effect_vs_probe(st["single"]["vs_probe"], st["single"]["full_ci_low"],
+                                                         fdir / "single_vs_probe.png",
+                                                         "Single heads: optimal edit vs probe accuracy")
     pts = [{"truth": r["truth"], "info": r["info"], "mc1": r["mc1"], "kl": r["kl"],
             "method": f"{r['method']}:{r['group']}"} for r in tests.values()]
     out["truth_info"] = figures.scatter(pts, "info", "truth", fdir / "truth_vs_info.png", "Truth vs informativeness (test)")
@@ -205,6 +274,16 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
              f"<p>Model <b>{e(str(run.get('model', preset['model']['model'])))}</b>, preset <b>{e(preset['name'])}</b>, "
              f"{run.get('n_test_questions', '?')} test / {run.get('n_val_questions', '?')} validation questions "
              f"(split {e(str(run.get('split_hash', '')))}, seed {preset['data']['seed']}).</p>"]
+    samples = run.get("samples") or {}
+    if samples:
+        rows = []
+        for name, label in (("test", "Test"), ("val", "Validation")):
+            c = samples.get(name)
+            if c:
+                types = ", ".join(f"{e(t)} {n}" for t, n in c["type"].items())
+                rows.append(f"{label} questions (a seeded random sample stratified by Type and Category): n={c['n']}, "
+                            f"{types}; {len(c['category'])} categories.")
+        parts.append("<p>" + "<br>".join(rows) + "</p>")
     if run.get("partial"):
         parts.append("<p class='v'><b>Partial run</b>: the study stopped before every arm finished; this report covers "
                      "the finished trials only (rerun the same `locaudit run` command to complete it).</p>")
@@ -221,6 +300,37 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
         if f:
             parts.append(f"<p class='v'>The optimal edit at S* reaches {f['ratio']:.2f} of full alignment's True*Info "
                          f"(95% CI {f['ci'][0]:.2f} to {f['ci'][1]:.2f}).</p>")
+    fits = st.get("fits") or {}
+    if fits.get("n"):
+        by = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in fits["by_status"].items())
+        msg = f"Optimal-edit fits: {fits['n']} ({by})."
+        if fits["not_converged"]:
+            msg += (" Not converged (a fixed schedule, or stopped at the step cap while validation loss still improved), "
+                    "so not shown to be optimal: " + ", ".join(fits["not_converged"]) + ".")
+        if fits["stuck"]:
+            msg += (" Never left the identity even at lower learning rates, so left out of the random null: "
+                    + ", ".join(fits["stuck"]) + ".")
+        parts.append(f"<p class='v'>{e(msg)}</p>")
+    if "single" in st and "spearman" in st["single"]:
+        sp = st["single"]["spearman"]
+        hi = [q["arm"] for q in st["single"]["vs_probe"] if q["reaches_full"]]
+        parts.append(f"<p class='v'>Single heads: Spearman correlation of the optimal edit's True*Info with the head's "
+                     f"probe accuracy rho = {sp['rho']:.2f} (p = {sp['p']:.2g}, n = {sp['n']}); reaching full alignment's "
+                     f"interval: {e(', '.join(hi) or 'none')}.</p>")
+    side = [(m, k, v) for m in ("iti", "ipo") if m in st for k, v in st[m].get("side_metrics", {}).items()]
+    if side:
+        names = {"truth_info_pct": "True*Info as ITI computes it (% true x % informative / 100)", "mc1": "MC1",
+                 "mc2": "MC2", "kl": "KL from unedited (lower is better)"}
+        parts.append("<h2>S* against the random null on other metrics</h2><table><tr><th>method</th><th>metric</th>"
+                     "<th>S*</th><th>S* 95% CI</th><th>random mean</th><th>n random</th><th>percentile</th><th>rank p</th>"
+                     "<th>t-test p</th></tr>")
+        for m, k, v in side:
+            ci = v.get("ci")
+            parts.append(f"<tr><td>{m.upper()}</td><td style='text-align:left'>{e(names[k])}</td><td>{_fmt(v['target'])}</td>"
+                         f"<td>{_fmt(ci[0]) + ' to ' + _fmt(ci[1]) if ci else ''}</td><td>{_fmt(v['random_mean'])}</td>"
+                         f"<td>{v['n_random']}</td><td>{_fmt(v['percentile'], 0)}</td><td>{_fmt(v['p_rank'])}</td>"
+                         f"<td>{_fmt(v['p_ttest'], 3)}</td></tr>")
+        parts.append("</table>")
     parts.append("<h2>Test results (hyper-parameter chosen on validation)</h2><table><tr>" + "".join(
         f"<th>{c}</th>" for c in ("arm", "method", "alpha", "tau", "truth", "info", "True*Info", "95% CI", "MC1", "MC2", "CE", "KL", "n")) + "</tr>")
     for name, r in tests.items():

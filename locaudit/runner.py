@@ -100,13 +100,13 @@ class ArmRunner:
         from locaudit.experiments import make_edit
         from locaudit.interventions import ITI, NoEdit, load_intervention
         from locaudit.study import edit_dir
-        from locaudit.training import fit, fit_summary
+        from locaudit.training import fit_summary, fit_to_optimum
 
         ctx = self.ctx
         if arm.method == "none":
             return NoEdit()
         if arm.method == "iti":
-            return ITI.from_probes(arm.heads, ctx.probes, value)
+            return ITI.from_probes(arm.heads, ctx.probes, value, placement=ctx.preset.eval.iti_placement)
         d = edit_dir(ctx.out, arm, value)
         if (d / "edit.json").is_file():
             try:
@@ -115,9 +115,9 @@ class ArmRunner:
                 pass  # damaged edit files: refit below
         t = time.time()
         cfg = replace(ctx.preset.fit, tau=value)
-        edit = make_edit(ctx.lm, arm.heads, seed=ctx.preset.data.seed)
         n_heads = None if arm.heads is None else len(arm.heads)
-        result = fit(ctx.lm, edit, self.train_pairs, self.val_pairs, cfg, n_heads=n_heads, progress=self.progress)
+        result = fit_to_optimum(ctx.lm, lambda: make_edit(ctx.lm, arm.heads, seed=ctx.preset.data.seed, scale=cfg.lora_scale),
+                                self.train_pairs, self.val_pairs, cfg, n_heads=n_heads, progress=self.progress)
         summary = {"model": ctx.lm.name, "edit_label": arm.name, "split_hash": ctx.split.hash, **fit_summary(result)}
         result.edit.save(d, extra=summary)
         seconds["ipo_train"] += time.time() - t
@@ -138,15 +138,19 @@ class ArmRunner:
         edit = self._edit(arm, value, seconds)
         t = time.time()
         ev = ctx.preset.eval
-        # validation trials only select the hyper-parameter (by True*Info): MC and CE/KL are test-only
+        # validation trials select the hyper-parameter (by True*Info); MC and CE/KL only on test trials unless the
+        # preset asks for trade-off curves over the grid (eval.val_side_metrics)
+        side = split_name == "test" or ev.val_side_metrics
         m = evaluate(ctx.lm, edit, ctx.val_q if split_name == "val" else ctx.test_q, ev.fmt, judges=ctx.judges,
-                     mc=ev.mc and split_name == "test", text_metrics=ctx.text if split_name == "test" else None,
+                     mc=ev.mc and side, text_metrics=ctx.text if side else None,
                      batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, edit_name=arm.name, progress=False)
         fit_seconds = 0.0
         if arm.method in ("ipo", "full"):
             meta = read_json(edit_dir(ctx.out, arm, value) / "edit.json")
             fit_seconds = meta.get("seconds", 0.0)
-            m["fit"] = {k: meta.get(k) for k in ("best", "val_start", "n_train_pairs", "n_val_pairs", "seconds")}
+            m["fit"] = {k: meta.get(k) for k in ("best", "val_start", "n_train_pairs", "n_val_pairs", "seconds",
+                                                 "status", "steps", "attempts", "val_curve")}
+            m["fit"]["lr"] = (meta.get("config") or {}).get("lr")
         m.update({"arm": arm.name, "group": arm.group, "method": arm.method,
                   "heads": "all" if arm.heads is None and arm.method == "full" else ("" if arm.heads is None else arm.heads.spec()),
                   "alpha": value if arm.method == "iti" else None,

@@ -13,6 +13,10 @@ position ids count real tokens only, so every answer token sees exactly the cont
 it would see in one full-sequence pass. The LM head is applied only at the positions that predict answer
 tokens (the last prompt position predicts the first answer token): prompt positions never pay for the
 vocab-sized output layer.
+
+Edit positions (`interventions.edit_positions`): the prefix and prompt passes declare no position and the
+answer pass declares its real answer tokens, so an ITI edit placed as ITI places it in MC scoring shifts the
+answer tokens only (a weight edit acts everywhere regardless).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Sequence
 import torch
 
 from locaudit.data.formats import PromptFormat
+from locaudit.interventions import edit_positions
 from locaudit.models import LoadedModel, cache_kwarg, logits_from_hidden
 from locaudit.shared_prefix import own_mask, shared_prefix
 
@@ -134,7 +139,8 @@ def prefix_kv(lm: LoadedModel, prefix: Sequence[int]) -> PrefixKV | None:
     if not prefix:
         return None
     ids = torch.tensor([list(prefix)], device=lm.device)
-    out = lm.model.base_model(input_ids=ids, use_cache=True)
+    with edit_positions(lm, torch.zeros_like(ids, dtype=torch.bool)):  # the prefix is context: never shifted
+        out = lm.model.base_model(input_ids=ids, use_cache=True)
     cache = out["cache"] if "cache" in out.keys() else out.past_key_values
     return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -177,7 +183,8 @@ def _answer_hidden(lm: LoadedModel, batch: dict[str, torch.Tensor], P: int) -> t
     G, Tp = p_ids.shape
     dev = p_ids.device
     pos1 = torch.arange(P, P + Tp, device=dev).expand(G, Tp)
-    hp, kv1 = forward_rows(lm, p_ids, mask_for(p_mask, Tp), pos1, new_cache(lm))
+    with edit_positions(lm, torch.zeros_like(p_mask, dtype=torch.bool)):  # prompts: never shifted
+        hp, kv1 = forward_rows(lm, p_ids, mask_for(p_mask, Tp), pos1, new_cache(lm))
     group = batch["group"]
     h_first = hp[group, batch["first_pos"]]
     a_ids, a_mask = batch["answer_ids"], batch["answer_mask"]
@@ -186,7 +193,8 @@ def _answer_hidden(lm: LoadedModel, batch: dict[str, torch.Tensor], P: int) -> t
     Ta = a_ids.shape[1]
     mask2 = torch.cat([p_mask.index_select(0, group), a_mask], dim=1)
     pos2 = P + batch["prompt_len"].index_select(0, group)[:, None] + torch.arange(Ta, device=dev)
-    ha, _ = forward_rows(lm, a_ids, mask_for(mask2, Ta), pos2, new_cache(lm, kv1, rows=group))
+    with edit_positions(lm, a_mask.bool()):  # the answer tokens
+        ha, _ = forward_rows(lm, a_ids, mask_for(mask2, Ta), pos2, new_cache(lm, kv1, rows=group))
     return torch.cat([h_first, ha[batch["rest_rows"], batch["rest_pos"]]], dim=0)
 
 
@@ -251,8 +259,9 @@ def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[E
                 ps = chunk[b:b + batch_size]
                 ids, mask = right_padded(ps, pad)
                 T = ids.shape[1]
-                hp, kv1 = forward_rows(lm, ids.to(dev), mask_for(mask.to(dev), T),
-                                   torch.arange(P, P + T, device=dev).expand(len(ps), T), new_cache(lm))
+                with edit_positions(lm, torch.zeros_like(ids, dtype=torch.bool)):  # prompts: never shifted
+                    hp, kv1 = forward_rows(lm, ids.to(dev), mask_for(mask.to(dev), T),
+                                           torch.arange(P, P + T, device=dev).expand(len(ps), T), new_cache(lm))
                 ex = [(r, i) for r, p in enumerate(ps) for i in by_prompt[p]]
                 rows = torch.tensor([r for r, _ in ex], device=dev)
                 last = torch.tensor([len(ps[r]) - 1 for r, _ in ex], device=dev)
@@ -273,8 +282,9 @@ def answer_logprobs(lm: LoadedModel, prefix: Sequence[int], examples: Sequence[E
                 a_ids, a_mask = right_padded([e.answer[:-1] for e in ex], pad)
                 Ta = a_ids.shape[1]
                 plen = torch.tensor([len(e.prompt) for e in ex], device=dev)
-                ha, _ = forward_rows(lm, a_ids.to(dev), mask_for(torch.cat([p_mask, a_mask.to(dev)], 1), Ta),
-                                 P + plen[:, None] + torch.arange(Ta, device=dev), cache)
+                with edit_positions(lm, a_mask.bool()):  # the answer tokens
+                    ha, _ = forward_rows(lm, a_ids.to(dev), mask_for(torch.cat([p_mask, a_mask.to(dev)], 1), Ta),
+                                         P + plen[:, None] + torch.arange(Ta, device=dev), cache)
                 rr = [(r, j) for r, e in enumerate(ex) for j in range(1, len(e.answer))]
                 h = ha[torch.tensor([r for r, _ in rr], device=dev), torch.tensor([j - 1 for _, j in rr], device=dev)]
                 tgt = torch.tensor([ex[r].answer[j] for r, j in rr], device=dev)

@@ -54,6 +54,22 @@ def paired_ratio_ci(num: tuple[np.ndarray, np.ndarray], den: tuple[np.ndarray, n
     return point, float(np.nanquantile(r, a)), float(np.nanquantile(r, 1 - a))
 
 
+def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean over questions (MC1, MC2 per question)."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return (float("nan"), float("nan"))
+    m = v[_boot_indices(len(v), n_boot, seed)].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(m, a)), float(np.quantile(m, 1 - a))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Spearman rank correlation and its two-sided p-value (e.g. single heads' effect vs probe accuracy)."""
+    res = st.spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
 @dataclass(frozen=True)
 class NullTest:
     target: float

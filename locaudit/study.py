@@ -55,6 +55,18 @@ class EvalSettings:
     text_source: str = "wiki"
     text_docs: int = 100
     text_tokens: int = 128
+    # where ITI adds its shift: "iti" as ITI's own code (last prompt token and generated tokens in generation,
+    # answer tokens in MC, every position for CE/KL), or "all" (every position, the instruction prefix included)
+    iti_placement: str = "iti"
+    # score validation trials on MC and CE/KL too (the paper's KL-vs-MC trade-off curves over the grids); off by
+    # default: validation trials only choose the hyper-parameter, by True*Info
+    val_side_metrics: bool = False
+
+    def __post_init__(self):
+        from locaudit.interventions import PLACEMENTS
+
+        if self.iti_placement not in PLACEMENTS:
+            raise LocauditError(f"eval.iti_placement must be one of {', '.join(PLACEMENTS)}, got {self.iti_placement!r}")
 
 
 @dataclass(frozen=True)

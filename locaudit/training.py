@@ -57,6 +57,21 @@ class FitConfig:
     fmt: str = "qa"
     seed: int = 0
     shuffle: bool = True  # False: batches in input order (to compare step by step with another trainer)
+    # Training to the optimum (the paper's claim is about the *optimal* edit): with `patience`, the fit runs up
+    # to the step cap (`max_steps`, else `epochs` passes), validates every `eval_every` steps, and stops once
+    # validation loss has not improved by `min_delta` (relative) for `patience` validations in a row; the best
+    # checkpoint is kept, and a fit still improving at the cap is marked "step_cap", not converged. Without
+    # `patience`, the paper's fixed schedule: `epochs` passes (or `max_steps`), validated `evals_per_epoch` times.
+    max_steps: int | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    min_delta: float = 0.01
+    retries: int = 2  # a fit that never leaves the identity is retried at lr * retry_factor, this many times
+    retry_factor: float = 0.2
+    # LoRA scale s of the edit: delta r = s <a, o> W b (PEFT: lora_alpha / r). With Adam a learning rate means
+    # something only together with s. locaudit's defaults use s = 1; the paper trained with PEFT and does not
+    # state lora_alpha, so the `paper` preset assumes PEFT's default lora_alpha = 8 at r = 1: s = 8.
+    lora_scale: float = 1.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -71,10 +86,22 @@ class FitConfig:
         for name in ("lr_one", "lr_k16", "lr_all"):
             if not getattr(self, name) > 0:
                 raise LocauditError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_train_pairs", "max_val_pairs"):
+        for name in ("max_train_pairs", "max_val_pairs", "max_steps", "eval_every", "patience"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise LocauditError(f"{name} must be positive, got {v}")
+        if self.patience is not None and self.eval_every is None:
+            raise LocauditError("early stopping (patience) needs eval_every (validate every N steps)")
+        if not 0 <= self.min_delta < 1:
+            raise LocauditError(f"min_delta is a relative improvement in [0, 1), got {self.min_delta}")
+        if not self.lora_scale > 0:
+            raise LocauditError(f"lora_scale must be > 0, got {self.lora_scale}")
+        if self.retries < 0 or not 0 < self.retry_factor < 1:
+            raise LocauditError(f"retries must be >= 0 and retry_factor in (0, 1), got {self.retries}, {self.retry_factor}")
+
+    @property
+    def early_stopping(self) -> bool:
+        return self.patience is not None
 
 
 def default_lr(n_heads: int | None, cfg: FitConfig) -> float:
@@ -202,6 +229,11 @@ def preference_accuracy(h: torch.Tensor) -> float:
     return float(((h > TIE_TOL).double() + 0.5 * (h.abs() <= TIE_TOL).double()).mean())
 
 
+# How a fit ended. Only "converged" fits are optima by the measured criterion; "stuck" fits never left the
+# identity (the kept checkpoint is the start) and are reported, never counted as an edit's effect.
+STATUSES = ("converged", "step_cap", "fixed_schedule", "stuck")
+
+
 @dataclass
 class FitResult:
     edit: Intervention
@@ -211,6 +243,14 @@ class FitResult:
     seconds: float
     n_train_pairs: int
     n_val_pairs: int
+    status: str = "fixed_schedule"  # one of STATUSES
+    steps: int = 0
+    attempts: list = None  # earlier attempts at higher learning rates that stayed at the identity
+
+    @property
+    def moved(self) -> bool:
+        """Whether the kept checkpoint differs from the start (validation loss improved at least once)."""
+        return self.best["step"] > 0
 
 
 def _subsample(pairs: Sequence[PreferencePair], k: int | None, seed: int) -> list[PreferencePair]:
@@ -252,7 +292,7 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     rng = np.random.default_rng(cfg.seed)
     lengths = [max(len(c), len(r)) for c, r in zip(enc_train.chosen, enc_train.rejected)]
     steps_per_epoch = math.ceil(len(enc_train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
 
     def lr_at(step: int) -> float:
@@ -267,12 +307,16 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     start = (identity_eval(cfg) if edit.is_identity() else evaluate_pairs(lm, edit, enc_val, ref_val, cfg))
     history.append({"step": 0, "epoch": 0.0, "val_loss": start["loss"], "val_pref_acc": start["pref_acc"]})
     best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
-    eval_points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
-                   for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
-    step = 0
+    if cfg.eval_every is not None:
+        eval_points = set(range(cfg.eval_every, total + 1, cfg.eval_every)) | {total}
+    else:
+        eval_points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
+                       for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
+    step, stale = 0, 0
+    status = "fixed_schedule" if not cfg.early_stopping else "step_cap"
     bar = tqdm(total=total, desc=f"fit {edit.kind}", disable=not progress, leave=False)
     edit.train()
-    for epoch in range(cfg.epochs):
+    while step < total and status not in ("converged",):
         order = (bucketed_batches(lengths, cfg.batch_size, rng) if cfg.shuffle else
                  [list(range(i, min(i + cfg.batch_size, len(lengths)))) for i in range(0, len(lengths), cfg.batch_size)])
         for idx in order:
@@ -293,12 +337,42 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
                 v = evaluate_pairs(lm, edit, enc_val, ref_val, cfg)
                 edit.train()
                 history.append({"step": step, "epoch": step / steps_per_epoch, "val_loss": v["loss"], "val_pref_acc": v["pref_acc"]})
+                improved = v["loss"] < best_row["val_loss"] - cfg.min_delta * abs(best_row["val_loss"])
                 if v["loss"] < best_row["val_loss"]:
                     best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
+                stale = 0 if improved else stale + 1
+                if cfg.early_stopping and stale >= cfg.patience:
+                    status = "converged"
+                    break
+            if step >= total:
+                break
     bar.close()
     edit.load_state_dict(best_state)
     edit.eval()
-    return FitResult(edit, history, best_row, replace(cfg, lr=lr), time.time() - t0, len(enc_train), len(enc_val))
+    if best_row["step"] == 0:
+        status = "stuck"
+    return FitResult(edit, history, best_row, replace(cfg, lr=lr), time.time() - t0, len(enc_train), len(enc_val),
+                     status=status, steps=step, attempts=[])
+
+
+def fit_to_optimum(lm: LoadedModel, new_edit, train_pairs: Sequence[PreferencePair],
+                   val_pairs: Sequence[PreferencePair], cfg: FitConfig, n_heads: int | None = None,
+                   progress: bool = True) -> FitResult:
+    """`fit` a fresh edit from `new_edit()`; a fit that never leaves the identity (its best checkpoint is the
+    start: the learning rate overshoots, or the location cannot move the loss) is retried from a fresh edit at
+    `lr * retry_factor`, up to `cfg.retries` times. The result lists the earlier attempts; if every attempt
+    stayed at the identity its status is "stuck"."""
+    lr = cfg.lr if cfg.lr is not None else default_lr(n_heads, cfg)
+    attempts = []
+    for k in range(cfg.retries + 1):
+        result = fit(lm, new_edit(), train_pairs, val_pairs, replace(cfg, lr=lr), n_heads=n_heads, progress=progress)
+        if result.moved or k == cfg.retries:
+            result.attempts = attempts
+            return result
+        attempts.append({"lr": lr, "status": result.status, "steps": result.steps, "seconds": result.seconds,
+                         "val_loss_min": min(h["val_loss"] for h in result.history if "val_loss" in h)})
+        lr *= cfg.retry_factor
+    raise AssertionError("unreachable")
 
 
 def fit_summary(result: FitResult) -> dict:
@@ -310,6 +384,10 @@ def fit_summary(result: FitResult) -> dict:
         "val_start": evals[0],
         "val_curve": evals,
         "train_loss_last": next((h["train_loss"] for h in reversed(result.history) if "train_loss" in h), None),
+        "train_curve": [[h["step"], round(h["train_loss"], 5)] for h in result.history if "train_loss" in h],
+        "status": result.status,
+        "steps": result.steps,
+        "attempts": result.attempts or [],
         "seconds": result.seconds,
         "n_train_pairs": result.n_train_pairs,
         "n_val_pairs": result.n_val_pairs,

@@ -114,3 +114,15 @@ def smol():
     from locaudit.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def trained_judges():
+    """The default (truth, info) judges on all 817 questions, built once per test run (~4 minutes cold) in the
+    run's LOCAUDIT_CACHE. Session-scoped, so it is set up before any test's private cache: request it only from
+    @pytest.mark.integration tests. Skips without the TruthfulQA judge data."""
+    from locaudit.evaluation import judges as J
+
+    if not all((SHARED / name).is_file() for name in ("TruthfulQA.csv", *J.LABEL_FILES.values())):
+        pytest.skip("TruthfulQA judge data not found in ../shared")
+    return J.load_judges("default", SHARED, progress=False)

@@ -24,7 +24,7 @@ from locaudit.evaluation.lm_metrics import (
 from locaudit.evaluation.mc import mc1_score, mc2_score, mc_scores
 from locaudit.evaluation.metrics import evaluate
 from locaudit.heads import parse_heads
-from locaudit.interventions import ITI, NoEdit
+from locaudit.interventions import ITI, NoEdit, edit_positions
 from locaudit.scoring import encode, encode_prefix
 from tests.conftest import make_tiny
 
@@ -45,12 +45,12 @@ DOCS = [
 ]
 
 
-def random_iti(lm, spec="L0H1,L1H2,L2H0", alpha=4.0, seed=1) -> ITI:
+def random_iti(lm, spec="L0H1,L1H2,L2H0", alpha=4.0, seed=1, placement="iti") -> ITI:
     arch = lm.arch
     heads = parse_heads(spec, arch.n_layers, arch.n_heads)
     g = torch.Generator().manual_seed(seed)
     u = torch.nn.functional.normalize(torch.randn(len(heads), arch.head_dim, generator=g), dim=-1)
-    return ITI(heads, u, torch.ones(len(heads)), alpha=alpha)
+    return ITI(heads, u, torch.ones(len(heads)), alpha=alpha, placement=placement)
 
 
 # ------------------------------------------------------------------------------------------------ MC
@@ -82,11 +82,12 @@ def test_mc_score_errors():
 
 
 def _direct_choice_logprob(lm, fmt, question, answer) -> float:
-    """Summed answer log-prob from one unpadded, uncached full-logits forward pass of prefix + prompt + answer."""
+    """Summed answer log-prob from one unpadded, uncached full-logits forward pass of prefix + prompt + answer,
+    an attached ITI edit placed as ITI places it in MC scoring (the answer tokens; "all": everywhere)."""
     e = encode(lm.tokenizer, fmt, question, answer)
     p = list(encode_prefix(lm.tokenizer, fmt)) + list(e.prompt)
     a = list(e.answer)
-    with torch.no_grad():
+    with torch.no_grad(), edit_positions(lm, torch.tensor([[False] * len(p) + [True] * len(a)])):
         logp = torch.log_softmax(lm.model(torch.tensor([p + a])).logits[0].double(), dim=-1)
     return float(sum(logp[len(p) + j - 1, t] for j, t in enumerate(a)))
 
@@ -99,11 +100,11 @@ MC_ITEMS = [
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
-@pytest.mark.parametrize("edited", [False, True])
+@pytest.mark.parametrize("edited", [False, "iti", "all"])
 def test_mc_scores_equal_direct_computation(family, edited):
     lm = make_tiny(family)
     fmt = PromptFormat("plain")
-    edit = random_iti(lm) if edited else NoEdit()
+    edit = random_iti(lm, placement=edited) if edited else NoEdit()
     with edit.attach(lm):
         res = mc_scores(lm, MC_ITEMS, fmt, batch_size=3, progress=None)
         for k, it in enumerate(MC_ITEMS):
@@ -248,11 +249,12 @@ def test_batched_generation_equals_one_by_one(family):
     for share in (False, True):
         for bs in (2, 5):
             assert greedy_generate(lm, prompts, batch_size=bs, share_prefix=share, **kw) == single
-    edit = random_iti(lm)
-    with edit.attach(lm):
-        single_e = [greedy_generate(lm, [p], share_prefix=False, **kw)[0] for p in prompts]
-        assert greedy_generate(lm, prompts, batch_size=5, share_prefix=True, **kw) == single_e
-    assert single_e != single  # the edit reaches generation
+    for placement in ("iti", "all"):
+        edit = random_iti(lm, placement=placement)
+        with edit.attach(lm):
+            single_e = [greedy_generate(lm, [p], share_prefix=False, **kw)[0] for p in prompts]
+            assert greedy_generate(lm, prompts, batch_size=5, share_prefix=True, **kw) == single_e
+        assert single_e != single  # the edit reaches generation
     with torch.no_grad():
         for p, s in zip(prompts, single):
             ref = lm.model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,

@@ -59,7 +59,7 @@ def test_iti_hook_equals_baked_bias(tiny):
     heads = parse_heads("L0H1,L2H3,L2H0", arch.n_layers, arch.n_heads)
     g = torch.Generator().manual_seed(1)
     u = torch.nn.functional.normalize(torch.randn(3, arch.head_dim, generator=g), dim=-1)
-    iti = ITI(heads, u, torch.tensor([0.5, 1.0, 2.0]), alpha=3.0)
+    iti = ITI(heads, u, torch.tensor([0.5, 1.0, 2.0]), alpha=3.0, placement="all")
     base = logits(tiny)
     with iti.attach(tiny):
         hooked = logits(tiny)

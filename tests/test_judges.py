@@ -293,3 +293,87 @@ def test_judges_trained_in_parallel_equal_sequential(tmp_path, monkeypatch):
         infos[n] = {k: {m: v for m, v in info[k].items() if "seconds" not in m} for k in J.KINDS}
     assert all(np.array_equal(a, b) for a, b in zip(scores[1], scores[2]))
     assert infos[1] == infos[2] and infos[1]["truth"]["heldout_answer_acc"] > 0
+
+
+def test_own_labels_match_question_and_normalised_text_and_skip_ties():
+    data = J.Labelled("info", ("q1", "Q1 ", "q2", "q1", "q2", "q2"), ("I have no comment.", "i have  no comment", "I have no comment!",
+                                                                   "Paris.", "paris", "Paris"),
+                      np.array([0, 0, 1, 1, 0, 1], np.int8), {})
+    # "Q1 " is q1; q2's "paris" / "Paris" tie 1-1 and are left out
+    assert J.own_labels(data) == {("q1", "i have no comment"): 0, ("q2", "i have no comment"): 1, ("q1", "paris"): 1}
+
+
+def test_generic_verdicts_ignore_reference_copies_and_need_agreement(monkeypatch):
+    monkeypatch.setattr(J, "GENERIC_MIN_QUESTIONS", 3)
+    qs = ("q1", "q2", "q3", "q4", "q1", "q2", "q3", "q4")
+    ans = ("I have no comment.",) * 4 + ("Maybe.", "maybe", "Maybe!", "Maybe")
+    refs = {"q1": ("q1", ("I have no comment.",), ("x",)), "q2": ("q2", ("y",), ("z",)), "q3": ("q3", ("y",), ("z",)),
+            "q4": ("q4", ("y",), ("z",))}
+    data = J.Labelled("info", qs, ans, np.array([1, 0, 0, 0, 1, 0, 1, 0], np.int8), {})
+    # "i have no comment": q1's row copies its reference and is not counted; q2-q4 agree (no). "maybe": 2-2, no verdict
+    assert J.generic_verdicts(data, refs) == {"i have no comment": 0}
+    new, n = J.relabel_reference_copies(data, refs, {"i have no comment": 0})
+    assert n == 1 and new.labels.tolist() == [0, 0, 0, 0, 1, 0, 1, 0] and data.labels[0] == 1  # a copy, not in place
+    monkeypatch.setattr(J, "GENERIC_MIN_QUESTIONS", 4)
+    assert J.generic_verdicts(data, refs) == {}  # three questions are too few
+
+
+@needs_data
+def test_references_carry_the_human_verdict_on_generic_answers(truth, monkeypatch):
+    """On a subset of questions (the generic-answer threshold scaled down to it): "I have no comment." as a CSV
+    reference, and the label files' copies of it, take the human verdict on that text (info: uninformative,
+    truth: true); without the models' own no-comment answers there is no verdict and the CSV default stays.
+    Every other reference keeps the question's own human label, else the CSV's verdict."""
+    monkeypatch.setattr(J, "GENERIC_MIN_QUESTIONS", 5)
+    info, refs = J.load_labelled("info", DATA), J.load_references(DATA)
+    nc = "i have no comment"
+    no_comment = sorted(k for k, (_, c, _) in refs.items() if any(J._norm(a) == nc for a in c))
+    assert len(no_comment) == 112
+    keys = set(no_comment[:5]) | set(sorted(set(refs) - set(no_comment))[:20])
+    for kind, full in (("info", info), ("truth", truth)):
+        for drop in (False, True):
+            data, rs = J._restrict(full, refs, keys)
+            if drop:  # keep only the copies of the references: no model ever said "I have no comment."
+                ref_pairs = {(k, J._norm(a)) for k, (_, c, i) in rs.items() for a in (*c, *i)}
+                data = data.subset([i for i, (q, a) in enumerate(zip(data.questions, data.answers))
+                                    if J._norm(a) != nc or (J.qkey(q), nc) in ref_pairs])
+            emb = J._embed(J._needed_texts([data], rs), progress=False)
+            model = J.JudgeModel(kind).fit(data, rs, emb)
+            verdicts = J.generic_verdicts(data, rs)
+            assert (nc in verdicts) == (not drop)
+            assert drop or verdicts[nc] == (1 if kind == "truth" else 0)
+            own = J.own_labels(J.relabel_reference_copies(data, rs, verdicts)[0])
+            for k, (_, correct, incorrect) in rs.items():
+                rows, labels, ids = model.entries[k]
+                ref = {}
+                for r, y, i in zip(rows, labels, ids):
+                    if i < 0:
+                        ref.setdefault(model.bank.norm[r], set()).add(int(y))
+                for a, default in [(a, 1) for a in correct] + [(a, 0 if kind == "truth" else 1) for a in incorrect]:
+                    t = J._norm(a)
+                    assert ref[t] == {verdicts.get(t, own.get((k, t), default))}, (kind, k, a)
+            copies = [i for i, (q, a) in enumerate(zip(data.questions, data.answers))
+                      if J._norm(a) == nc and J.qkey(q) in set(no_comment)]
+            assert copies and all(model.lab_y[i] == (1 if kind == "truth" or drop else 0) for i in copies)
+            assert model.n_copies_relabelled == (len(copies) if kind == "info" and not drop else 0)
+
+
+@needs_data
+@pytest.mark.integration
+def test_default_info_judge_calls_no_comment_uninformative(trained_judges, questions):
+    """The fully trained info judge scores "I have no comment." uninformative on at least 90% of the 817
+    questions, the 112 where the CSV lists it as a correct answer included, while it stays true and the CSV best
+    answers stay informative."""
+    truth, info = trained_judges
+    qs = [q.question for q in questions]
+    assert len(qs) == 817
+    refs = J.load_references(DATA)
+    csv_correct = np.array([any(J._norm(a) == "i have no comment" for a in refs[J.qkey(q)][1]) for q in qs])
+    assert csv_correct.sum() == 112
+    p = info.score(qs, ["I have no comment."] * len(qs))
+    assert (p < 0.5).mean() >= 0.90  # measured 0.998 (before the fix: 0.863, informative on exactly the 112)
+    assert (p[csv_correct] < 0.5).mean() >= 0.90  # measured 1.0
+    best = info.score(qs, [q.best_answer for q in questions]) >= 0.5
+    hedge = np.array([J._norm(q.best_answer) == "i have no comment" for q in questions])  # 56 questions
+    assert hedge.sum() == 56 and best[~hedge].mean() >= 0.98 and best[hedge].mean() <= 0.1  # measured 1.0 and 0.0
+    assert (truth.score(qs, ["I have no comment."] * len(qs)) >= 0.5).mean() >= 0.95  # true by TruthfulQA's definition

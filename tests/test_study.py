@@ -17,8 +17,8 @@ def tiny_preset():
     p = load_preset("smoke")
     study = replace(p.study, top_k=3, n_random_sets=2, n_single=2, alphas=(5.0, 15.0), taus=(0.1,),
                     max_val_questions=3, max_test_questions=4)
-    return replace(p, study=study, fit=replace(p.fit, max_train_pairs=4, max_val_pairs=4),
-                   eval=replace(p.eval, max_new_tokens=6, text_docs=2, text_tokens=24))
+    return replace(p, study=study, fit=replace(p.fit, max_train_pairs=8, max_val_pairs=4, max_steps=6, eval_every=2, patience=2),
+                   eval=replace(p.eval, max_new_tokens=6, text_docs=2, text_tokens=24, val_side_metrics=True))
 
 
 def run(tmp, name, workers=1):
@@ -203,3 +203,37 @@ def test_judging_a_partial_deferred_run(study_dir, monkeypatch):
     assert run["partial"] is True and run["n_test_questions"] == 4 and run["n_val_questions"] == 3
     assert "full" not in run["selections"] and run["selections"]["iti-top3"] in (5.0, 15.0)
     assert "Partial run" in (part / "report.html").read_text() and "iti" in res["stats"]
+
+
+def test_fit_statuses_and_stuck_fits_left_out_of_the_null(study_dir):
+    import json
+
+    out = study_dir / "a"
+    res = json.loads((out / "results.json").read_text())
+    st = res["stats"]
+    fits = {}
+    for path in (out / "trials").glob("*/*.test.json"):
+        r = json.loads(path.read_text())
+        if r.get("fit"):
+            assert r["fit"]["status"] in ("converged", "step_cap", "stuck") and r["fit"]["steps"] <= 6
+            assert r["fit"]["val_curve"][0]["step"] == 0 and r["fit"]["lr"] > 0
+            fits[r["arm"]] = r["fit"]["status"]
+    assert st["fits"]["n"] == len(fits) == sum(st["fits"]["by_status"].values())
+    stuck = sorted(a for a, s in fits.items() if s == "stuck")
+    assert st["fits"]["stuck"] == stuck
+    random_ipo = [a for a in fits if a.startswith("ipo-random")]
+    assert st["ipo"]["excluded_stuck"] == [a for a in sorted(random_ipo) if fits[a] == "stuck"]
+    assert st["ipo"]["test"]["n_random"] == sum(fits[a] != "stuck" for a in random_ipo)
+    # side metrics: MC1/MC2/KL and rate-based True*Info against the same null
+    assert set(st["iti"]["side_metrics"]) == {"truth_info_pct", "mc1", "mc2", "kl"}
+    assert st["iti"]["side_metrics"]["kl"]["higher_is_better"] is False
+    # trade-off curves through the alpha grid (validation trials carry MC and KL with val_side_metrics)
+    for f in ("tradeoff_iti_truth_info.png", "tradeoff_iti_kl_mc2.png", "single_vs_probe.png"):
+        assert (out / "figures" / f).is_file(), f
+    val = [json.loads(p.read_text()) for p in (out / "trials" / "iti-top3").glob("*.val.json")]
+    assert len(val) == 2 and all(r["mc2"] is not None and r["kl"] is not None for r in val)
+    pts = st["single"]["vs_probe"]
+    assert {p["arm"] for p in pts} >= set(st["single"]["scores"]) and all(0 <= p["probe_acc"] <= 1 for p in pts)
+    run = json.loads((out / "run.json").read_text())
+    assert run["samples"]["test"]["n"] == 4 and sum(run["samples"]["test"]["type"].values()) == 4
+    assert "stratified by Type and Category" in (out / "report.html").read_text()

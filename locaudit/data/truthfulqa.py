@@ -6,6 +6,7 @@ Search order for the data directory: an explicit argument (`--data-dir`), `$LOCA
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -225,11 +226,56 @@ def _load_mc(path: Path) -> dict[str, dict]:
     return out
 
 
+def _spread(groups: list[list[int]], rng: np.random.Generator) -> list[int]:
+    """Merge ordered groups so that every prefix holds each group in proportion to its size (within one item):
+    item j of a group of n gets the key (j + u) / n, u uniform in [0, 1) per group; ties break at random."""
+    keyed = []
+    for g in groups:
+        u = rng.random()
+        keyed += [((j + u) / len(g), rng.random(), x) for j, x in enumerate(g)]
+    return [x for *_, x in sorted(keyed)]
+
+
+def stratified_order(questions: list[Question], seed: int | np.random.Generator) -> list[int]:
+    """A seeded random order of `questions` (indices) in which every prefix, and every contiguous segment, is
+    stratified by TruthfulQA's Type (within one question) and, inside each Type, by Category (within one
+    question per category): shuffle each (Type, Category) stratum, spread the categories of each Type, then
+    spread the Types. Taking the first n questions of this order is a stratified random sample of size n."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    by_type: dict[str, dict[str, list[int]]] = {}
+    for i, q in enumerate(questions):
+        by_type.setdefault(q.type, {}).setdefault(q.category, []).append(i)
+    per_type = []
+    for t in sorted(by_type):
+        cats = [list(rng.permutation(by_type[t][c])) for c in sorted(by_type[t])]
+        per_type.append(_spread(cats, rng))
+    return [int(i) for i in _spread(per_type, rng)]
+
+
+def composition(questions) -> dict:
+    """{"n", "type": {Type: count}, "category": {Category: count}} of a sample of questions."""
+    qs = list(questions)
+    count = lambda key: dict(sorted(collections.Counter(key(q) for q in qs).items(), key=lambda kv: (-kv[1], kv[0])))
+    return {"n": len(qs), "type": count(lambda q: q.type or "?"), "category": count(lambda q: q.category or "?")}
+
+
+def describe_composition(questions, top: int = 5) -> str:
+    """One line: 'n=40: Adversarial 22 / Non-Adversarial 18; 24 categories (Misconceptions 5, Law 3, ...)'."""
+    c = composition(questions)
+    types = " / ".join(f"{t} {n}" for t, n in c["type"].items())
+    cats = ", ".join(f"{k} {n}" for k, n in list(c["category"].items())[:top])
+    more = ", ..." if len(c["category"]) > top else ""
+    return f"n={c['n']}: {types}; {len(c['category'])} categories ({cats}{more})"
+
+
 def split_questions(questions: list[Question], seed: int = 0, train_frac: float = 0.6, val_frac: float = 0.2,
                     limit: int | None = None) -> Split:
-    """Seeded split by question: `train_frac` train, `val_frac` validation, the rest test.
+    """Seeded split by question, stratified by Type and Category: `train_frac` train, `val_frac` validation,
+    the rest test.
 
-    `limit` first draws a seeded subset of that many questions (for quick runs); each part must stay non-empty.
+    `limit` first draws a stratified seeded subset of that many questions (for quick runs); each part must stay
+    non-empty. Each part keeps the stratified random order (`stratified_order`), so its first n questions (the
+    study's `max_val_questions` / `max_test_questions`) are themselves a stratified random sample.
     """
     if not 0 < train_frac < 1 or not 0 < val_frac < 1 or train_frac + val_frac >= 1:
         raise LocauditError(f"split fractions train={train_frac}, val={val_frac} must be in (0,1) and leave room for test")
@@ -241,8 +287,8 @@ def split_questions(questions: list[Question], seed: int = 0, train_frac: float 
         if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit <= 0:
             raise LocauditError(f"--limit-questions must be a positive integer, got {limit!r}")
         if limit < len(qs):
-            qs = [qs[i] for i in sorted(rng.choice(len(qs), size=limit, replace=False))]
-    order = rng.permutation(len(qs))
+            qs = [qs[i] for i in stratified_order(qs, rng)[:limit]]
+    order = stratified_order(qs, rng)
     n_train = int(round(train_frac * len(qs)))
     n_val = int(round(val_frac * len(qs)))
     parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
@@ -252,5 +298,6 @@ def split_questions(questions: list[Question], seed: int = 0, train_frac: float 
             raise LocauditError(f"--limit-questions {limit} leaves the {empty} split empty; use --limit-questions 5 or more")
         raise LocauditError(f"the data has only {len(qs)} questions, which leaves the {empty} split empty; "
                             f"give a TruthfulQA.csv with at least 5 questions")
-    train, val, test = (tuple(qs[i] for i in sorted(p)) for p in parts)
-    return Split(train, val, test, seed, {"train_frac": train_frac, "val_frac": val_frac, "limit": limit})
+    train, val, test = (tuple(qs[i] for i in p) for p in parts)
+    return Split(train, val, test, seed, {"train_frac": train_frac, "val_frac": val_frac, "limit": limit,
+                                          "stratified_by": ["type", "category"]})

@@ -18,6 +18,12 @@ positions, it would see if generated alone: the shared-prefix path computes the 
 padding, not an approximation (the tests compare both paths with one-by-one generation token for token).
 The prefix cache is recomputed at every call, inside the caller's `with edit.attach(lm):`, so it always
 reflects the attached edit.
+
+Edit positions (`interventions.edit_positions`), as ITI's generation edits them (honest_llama's `'lt'` edit
+location with a KV cache): the shared prefix declares no position, a prefill declares its last column (every
+row's last prompt token, rows being left-padded), and each decoding step declares every row's new token. So an
+ITI edit with `placement="iti"` shifts the last prompt token and every generated token and nothing else; a
+weight edit acts everywhere regardless.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 from locaudit.data.formats import PromptFormat
 from locaudit.errors import LocauditError
+from locaudit.interventions import edit_positions
 from locaudit.models import LoadedModel, cache_kwarg
 from locaudit.scoring import encode, encode_prefix, length_batches, prefix_kv
 from locaudit.shared_prefix import own_mask, shared_prefix
@@ -135,7 +142,10 @@ def _prefill(lm: LoadedModel, rests: Sequence[Sequence[int]], n_prefix: int):
     pos = (n_prefix + mask.cumsum(-1) - 1).clamp(min=0).to(device)
     own = mask.to(device)
     attn = own_mask(own, S) if n_prefix else own
-    logits, cache = _forward(lm, ids.to(device), attn, pos, DynamicCache(config=lm.model.config))
+    last = torch.zeros((B, S), dtype=torch.bool, device=device)
+    last[:, -1] = True  # every row's last prompt token (left padding)
+    with edit_positions(lm, last):
+        logits, cache = _forward(lm, ids.to(device), attn, pos, DynamicCache(config=lm.model.config))
     return logits, cache, own, pos[:, -1:] + 1
 
 
@@ -190,8 +200,9 @@ def _generate_batch(lm: LoadedModel, chunks: Sequence[Sequence[Sequence[int]]], 
             live = [live[r] for r in keep]
             nxt = [nxt[r] for r in keep]
         own = torch.cat([own, own.new_ones(len(live), 1)], dim=1)
-        logits, cache = _forward(lm, torch.tensor(nxt, dtype=torch.long, device=device)[:, None],
-                                 own_mask(own, 1) if n_prefix else own, next_pos, cache)
+        with edit_positions(lm, None):  # every row's newly generated token
+            logits, cache = _forward(lm, torch.tensor(nxt, dtype=torch.long, device=device)[:, None],
+                                     own_mask(own, 1) if n_prefix else own, next_pos, cache)
         next_pos = next_pos + 1
     return generated
 

@@ -14,7 +14,8 @@ ITI's definitions (Li et al. 2023), on the first `max_tokens` = 128 tokens of ea
 for 100 x 128 tokens of SmolLM2, instead of 2.5 GB of float32 log-probs over its 49k vocabulary); each edit then
 costs one forward pass of the body, and the base log-probs are recomputed exactly from the cached states
 through the LM head, batch by batch. Both passes use the same batches, so for the unedited model P and Q are
-bitwise equal and KL is exactly 0.
+bitwise equal and KL is exactly 0. An edit acts at every position of the text (`edit_positions(lm, None)`;
+ITI's own CE/KL code shifts every token too), whatever ITI placement it has.
 
 Corpus. The default corpus is English Wikipedia prose: the 2016 sample of the English Wikipedia dump
 (`enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`, 1.7 MB, ~100 articles) that ships as
@@ -280,7 +281,7 @@ class TextMetrics:
     def evaluate(self, edit=None) -> dict:
         """{"ce", "kl": means over documents; "ce_per_doc", "kl_per_doc": arrays in document order;
         "n_docs", "n_tokens", "seconds"} for the model with `edit` attached (None: unedited)."""
-        from locaudit.interventions import NoEdit
+        from locaudit.interventions import NoEdit, edit_positions
 
         if _has_hooks(self.lm):
             raise LocauditError("an edit is already attached; pass it to TextMetrics.evaluate instead of attaching it")
@@ -288,7 +289,7 @@ class TextMetrics:
         t0 = time.time()
         ce = np.zeros(self.n_docs)
         kl = np.zeros(self.n_docs)
-        with edit.attach(self.lm):
+        with edit.attach(self.lm), edit_positions(self.lm, None):  # plain text: every position
             for b, idx in enumerate(self._iter(self.batches, "CE/KL")):
                 h_edit = self._hidden(idx)
                 for r, i in enumerate(idx):

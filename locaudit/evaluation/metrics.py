@@ -8,6 +8,9 @@ For the model with `edit` attached, on a set of TruthfulQA questions:
   truth_pct * info_pct / 100, ITI's product of rates;
 - MC1 / MC2 (`mc.mc_scores`), and CE / KL on general text (`lm_metrics.TextMetrics`) when given one.
 
+Where an ITI edit acts is its own `placement` (see `interventions`): generation, MC scoring and CE/KL each
+declare their positions, so one attached edit is placed as ITI places it in each.
+
 A judge is any object with `score(questions, answers) -> array of P(yes)` and `info() -> dict` describing it
 (`locaudit.evaluation.judges` has the real ones). Judges read the answers only; they never see the edit.
 """
