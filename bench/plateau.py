@@ -53,14 +53,15 @@ def _fit_one(job: dict) -> dict:
 
 def plateau_step(curve: list, min_delta: float, patience: int) -> dict:
     """Where early stopping with (min_delta, patience) would stop on this curve, and the loss it would keep,
-    against the curve's minimum: the criterion the presets use, replayed on a full curve."""
-    kept, stale = curve[0], 0
+    against the curve's minimum: the presets' rule (`training.Plateau`), replayed on a full curve."""
+    from locaudit.training import Plateau
+
+    rule = Plateau(min_delta, patience, reference=curve[0][1])
+    kept = curve[0]
     for step, loss, acc in curve[1:]:
-        improved = loss < kept[1] - min_delta * abs(kept[1])
         if loss < kept[1]:
             kept = (step, loss, acc)
-        stale = 0 if improved else stale + 1
-        if stale >= patience:
+        if rule.update(loss):
             return {"stop_step": step, "kept_step": kept[0], "kept_loss": kept[1]}
     return {"stop_step": None, "kept_step": kept[0], "kept_loss": kept[1]}
 
@@ -91,6 +92,7 @@ def main() -> None:
                   f"step {f['best']['step']} ({f['seconds']:.0f} s)", flush=True)
             (RESULTS / "plateau-partial.json").write_text(json.dumps(fits, indent=1) + "\n")
     fits.sort(key=lambda f: [j["name"] for j in jobs].index(f["name"]))
+    (RESULTS / "plateau-partial.json").unlink(missing_ok=True)
     out = {"machine": machine_info(), "wall_seconds": time.time() - t0, "eval_every": EVAL_EVERY, "fits": fits,
            "criterion": {f"patience{p}_delta{d}": [plateau_step(f["val_curve"], d, p) for f in fits]
                          for p in (2, 3, 4) for d in (0.0, 0.01, 0.02)}}

@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, default=None, help="step cap (with --patience: train to the optimum)")
     p.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: once per epoch)")
     p.add_argument("--patience", type=_positive_int, default=None,
-                   help="stop when validation loss has not improved by 1%% for N validations (needs --max-steps, --eval-every)")
+                   help="stop when validation loss has not improved by 1%% for N validations (needs --eval-every; "
+                        "the cap is --max-steps, else --epochs)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="generate, judge, MC1/MC2, CE and KL for no edit, ITI, or a fitted edit")

@@ -14,6 +14,7 @@ import numpy as np
 
 from locaudit import figures, stats
 from locaudit.errors import LocauditError
+from locaudit.heads import parse_head
 from locaudit.storage import atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = ["arm", "heads", "method", "alpha", "tau", "split", "truth", "info", "truth_info", "mc1", "mc2", "ce", "kl",
@@ -91,6 +92,16 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
             continue
         test = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in rand])
         verdict = stats.verdict(label, test)
+        stuck = [r for r in by_group(method, "random") if fit_status(r) == "stuck"]
+        with_stuck = None
+        if stuck:  # leaving fits out on their outcome is a choice: show what counting them as they are gives
+            with_stuck = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in by_group(method, "random")])
+            verdict += (f" {len(stuck)} random set(s) never left the identity and are left out of this null; counted "
+                        f"at their unedited score, S* would sit at the {with_stuck.percentile:.0f}th percentile "
+                        f"(rank p = {with_stuck.p_rank:.3f}).")
+        for who, row in (("S*", top[0]), ("full alignment", full if method == "ipo" else None)):
+            if row is not None and fit_status(row) == "stuck":
+                verdict += f" Warning: the fit at {who} never left the identity, so its score is the unedited model's."
         unconverged = [r["arm"] for r in top + rand if fit_status(r) in ("step_cap", "fixed_schedule")]
         if unconverged:
             verdict += (f" Caution: {len(unconverged)} of the {len(top) + len(rand)} fits compared here were not trained to "
@@ -98,12 +109,15 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
                         f"optimal edit.")
         res = {"top_arm": top[0]["arm"], "test": test.as_dict(), "verdict": verdict,
                "random_scores": [r["truth_info"] for r in rand],
-               "excluded_stuck": [r["arm"] for r in by_group(method, "random") if fit_status(r) == "stuck"]}
+               "excluded_stuck": [r["arm"] for r in stuck],
+               "test_including_stuck": with_stuck.as_dict() if with_stuck else None}
         res["side_metrics"] = {}
         for metric in SIDE_METRICS:
             if top[0].get(metric) is None or any(r.get(metric) is None for r in rand):
                 continue
-            sign = -1.0 if metric == "kl" else 1.0  # the null test asks "is S* better": KL is better when lower
+            # the null test asks "is S* better": KL is better when lower, so it runs on -KL (its t keeps that sign;
+            # target and random_mean are reported as KL)
+            sign = -1.0 if metric == "kl" else 1.0
             t_m = stats.null_test(sign * top[0][metric], [sign * r[metric] for r in rand])
             entry = {**t_m.as_dict(), "target": top[0][metric], "random_mean": sign * t_m.random_mean,
                      "higher_is_better": sign > 0, "random_scores": [r[metric] for r in rand]}
@@ -133,7 +147,8 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
         if probe_acc is not None:
             pts = []
             for r in singles + [b for b in best if fit_status(b) != "stuck"]:
-                (l, h), = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in r["heads"].split(",")]
+                head = parse_head(r["heads"])
+                l, h = head.layer, head.head
                 pts.append({"arm": r["arm"], "probe_acc": float(probe_acc[l, h]), "truth_info": r["truth_info"],
                             "reaches_full": bool(r["truth_info"] >= lo_full)})
             out["single"]["vs_probe"] = pts

@@ -229,6 +229,26 @@ def preference_accuracy(h: torch.Tensor) -> float:
     return float(((h > TIE_TOL).double() + 0.5 * (h.abs() <= TIE_TOL).double()).mean())
 
 
+@dataclass
+class Plateau:
+    """The early-stopping rule: validation loss has plateaued once `patience` validations in a row fail to beat
+    the reference by `min_delta` (relative). The reference moves only on such an improvement, so a slow steady
+    decline is not a plateau (Keras' and Lightning's rule)."""
+
+    min_delta: float
+    patience: int
+    reference: float = math.inf
+    stale: int = 0
+
+    def update(self, loss: float) -> bool:
+        """Record one validation loss; True once the loss has plateaued."""
+        if loss < self.reference - self.min_delta * abs(self.reference):
+            self.reference, self.stale = loss, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
 # How a fit ended. Only "converged" fits are optima by the measured criterion; "stuck" fits never left the
 # identity (the kept checkpoint is the start) and are reported, never counted as an edit's effect.
 STATUSES = ("converged", "step_cap", "fixed_schedule", "stuck")
@@ -312,7 +332,11 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     else:
         eval_points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
                        for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
-    step, stale = 0, 0
+        if cfg.max_steps is not None:  # a cap without eval_every: the epoch points below it, and the cap itself
+            eval_points = {p for p in eval_points if p <= total} | {total}
+    # the best checkpoint is kept whatever the size of its improvement; stopping needs a plateau (`Plateau`)
+    plateau = Plateau(cfg.min_delta, cfg.patience or 0, reference=best_row["val_loss"])
+    step = 0
     status = "fixed_schedule" if not cfg.early_stopping else "step_cap"
     bar = tqdm(total=total, desc=f"fit {edit.kind}", disable=not progress, leave=False)
     edit.train()
@@ -337,11 +361,9 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
                 v = evaluate_pairs(lm, edit, enc_val, ref_val, cfg)
                 edit.train()
                 history.append({"step": step, "epoch": step / steps_per_epoch, "val_loss": v["loss"], "val_pref_acc": v["pref_acc"]})
-                improved = v["loss"] < best_row["val_loss"] - cfg.min_delta * abs(best_row["val_loss"])
                 if v["loss"] < best_row["val_loss"]:
                     best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
-                stale = 0 if improved else stale + 1
-                if cfg.early_stopping and stale >= cfg.patience:
+                if plateau.update(v["loss"]) and cfg.early_stopping:
                     status = "converged"
                     break
             if step >= total:
@@ -368,6 +390,7 @@ def fit_to_optimum(lm: LoadedModel, new_edit, train_pairs: Sequence[PreferencePa
         result = fit(lm, new_edit(), train_pairs, val_pairs, replace(cfg, lr=lr), n_heads=n_heads, progress=progress)
         if result.moved or k == cfg.retries:
             result.attempts = attempts
+            result.seconds += sum(a["seconds"] for a in attempts)  # the fit's cost includes its failed attempts
             return result
         attempts.append({"lr": lr, "status": result.status, "steps": result.steps, "seconds": result.seconds,
                          "val_loss_min": min(h["val_loss"] for h in result.history if "val_loss" in h)})

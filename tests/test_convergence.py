@@ -111,3 +111,21 @@ def test_paper_preset_states_its_lora_scale_and_trains_to_the_optimum():
     fit_cfg = load_preset("paper").fit
     assert fit_cfg.lora_scale == 8.0 and (fit_cfg.lr_one, fit_cfg.lr_k16, fit_cfg.lr_all) == (2e-3, 5e-4, 1e-4)
     assert fit_cfg.early_stopping and fit_cfg.epochs == 2
+
+
+def test_plateau_rule_by_hand():
+    from locaudit.training import Plateau
+
+    # 0.7% per validation: under min_delta each time, but 1.4% over the reference every second one, so a slow
+    # steady decline never counts as a plateau (a reference that followed every small gain would stop at the 3rd)
+    slow = Plateau(min_delta=0.01, patience=3, reference=100.0)
+    assert [slow.update(100.0 * 0.993 ** (i + 1)) for i in range(6)] == [False] * 6
+    assert (slow.stale, round(slow.reference, 3)) == (0, round(100 * 0.993 ** 6, 3))
+    flat = Plateau(min_delta=0.01, patience=2, reference=10.0)
+    assert [flat.update(x) for x in (9.0, 8.95, 9.5, 8.0, 8.0, 7.95)] == [False, False, True, False, False, True]
+
+
+def test_step_cap_without_eval_every_still_validates(tiny_llama):
+    cfg = FitConfig(tau=0.5, batch_size=4, lr=1e-1, fmt="plain", max_steps=3)
+    r = fit(tiny_llama, _edit(tiny_llama), toy_pairs(16), toy_pairs(8, 100), cfg, progress=False)
+    assert r.steps == 3 and [h["step"] for h in _val(r)] == [0, 3] and r.status == "fixed_schedule"

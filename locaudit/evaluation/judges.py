@@ -496,7 +496,7 @@ class JudgeModel:
         # reference answers carry the labels the human data gives such answers: generic answers ("I have no
         # comment.") take the human verdict on that text, in the bank and where the labelled data copies a
         # reference; any other reference takes the question's own human label of it, else the CSV's verdict
-        verdicts = generic_verdicts(data, refs)
+        self.verdicts = verdicts = generic_verdicts(data, refs)
         data, self.n_copies_relabelled = relabel_reference_copies(data, refs, verdicts)
         bank_texts = list(dict.fromkeys(list(data.answers) + [a for _, c, i in refs.values() for a in (*c, *i)]))
         row = {t: i for i, t in enumerate(bank_texts)}
@@ -515,7 +515,7 @@ class JudgeModel:
             e = entries[k]
             for a, default in [(a, 1) for a in correct] + [(a, 0 if self.kind == "truth" else 1) for a in incorrect]:
                 t = _norm(a)
-                y = verdicts.get(t, human.get((k, t), default))
+                y = human.get((k, t), verdicts.get(t, default))
                 self.n_refs_relabelled += y != default
                 e[0].append(row[a]), e[1].append(y), e[2].append(-1)
         self.entries = {k: (np.array(r, int), np.array(lab, np.int8), np.array(ids, int)) for k, (r, lab, ids) in entries.items()}
@@ -710,19 +710,29 @@ def _restrict(data: Labelled, refs: dict, keys: set[str] | None) -> tuple[Labell
 
 
 def _validate(data: Labelled, refs: dict, emb: dict, seed: int, frac: float, progress: bool) -> dict:
-    """Held-out-answer and held-out-question metrics for one kind (see module docstring)."""
+    """Held-out-answer and held-out-question metrics for one kind (see module docstring). Held-out pairs that copy
+    a reference answer with a generic verdict are scored against that verdict, as the judge is trained
+    (`relabel_reference_copies`, with the verdicts of the training part only)."""
     out = {}
+
+    def targets(model: JudgeModel, te) -> np.ndarray:
+        held, n = relabel_reference_copies(data.subset(te), refs, model.verdicts)
+        out[f"heldout_{split}_targets_relabelled"] = n
+        return held.labels
+
+    split = "answer"
     tr, te = answer_split(data, frac, seed)
     model = JudgeModel(data.kind).fit(data.subset(tr), refs, emb, seed, progress)
-    m = _metrics(data.labels[te], model.predict([data.questions[i] for i in te], [data.answers[i] for i in te], emb), data.labels[tr])
+    m = _metrics(targets(model, te), model.predict([data.questions[i] for i in te], [data.answers[i] for i in te], emb), data.labels[tr])
     out.update({f"heldout_answer_{k}": v for k, v in m.items()})
+    split = "question"
     tr, te = question_split(data, frac, seed)
     train_keys = {qkey(data.questions[i]) for i in tr}
     held_keys = {qkey(data.questions[i]) for i in te}
     model = JudgeModel(data.kind).fit(data.subset(tr), {k: v for k, v in refs.items() if k in train_keys}, emb, seed, progress)
     if model.known_questions() & held_keys:  # defensive: the split must never leak a question
         raise AssertionError("held-out question leaked into the judge's bank")
-    m = _metrics(data.labels[te], model.predict([data.questions[i] for i in te], [data.answers[i] for i in te], emb), data.labels[tr])
+    m = _metrics(targets(model, te), model.predict([data.questions[i] for i in te], [data.answers[i] for i in te], emb), data.labels[tr])
     out.update({f"heldout_question_{k}": v for k, v in m.items()})
     out.update({"heldout_frac": frac, "seed": seed, "n_questions": data.stats.get("n_questions")})
     return out
