@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from locaudit import figures, stats
+from locaudit import figures, replication, stats
 from locaudit.errors import LocauditError
 from locaudit.heads import parse_head
 from locaudit.storage import atomic_write_json, atomic_write_text, read_json
@@ -214,12 +214,12 @@ def write_report(run_dir: Path) -> dict:
     probe_npz = run_dir / "probes" / "probes.npz"
     st = compute_stats(tests, n_boot, probe_acc=np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None)
     judge = next((r.get("judge") for r in trials if r.get("judge")), None)
-    results = {"config": config, "run": run, "stats": st, "judge": judge,
+    results = {"config": config, "run": run, "stats": st, "judge": judge, "replication": replication.replication_rows(st),
                "rows": [{k: v for k, v in r.items() if k != "per_question"} for r in trials]}
     atomic_write_json(run_dir / "results.json", results)
 
     figs = _figures(run_dir, tests, trials, st)
-    atomic_write_text(run_dir / "report.html", _html(config, run, st, judge, tests, figs))
+    atomic_write_text(run_dir / "report.html", _html(config, run, st, judge, tests, figs, results["replication"]))
     return results
 
 
@@ -278,7 +278,7 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict) -> dict[s
     return out
 
 
-def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, figs: dict) -> str:
+def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, figs: dict, findings: list[dict]) -> str:
     e = html.escape
     preset = config["preset"]
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>locaudit report</title>",
@@ -332,6 +332,13 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
         parts.append(f"<p class='v'>Single heads: Spearman correlation of the optimal edit's True*Info with the head's "
                      f"probe accuracy rho = {sp['rho']:.2f} (p = {sp['p']:.2g}, n = {sp['n']}); reaching full alignment's "
                      f"interval: {e(', '.join(hi) or 'none')}.</p>")
+    if findings:
+        parts.append("<h2>The paper's findings beside this run</h2><table><tr><th>finding</th><th>paper (Alpaca-7B)</th>"
+                     "<th>measured here</th><th>verdict</th></tr>")
+        for r in findings:
+            parts.append("<tr>" + "".join(f"<td style='text-align:left'>{e(r[k])}</td>" for k in ("finding", "paper", "measured"))
+                         + f"<td style='text-align:left'><b>{e(r['verdict'])}</b>: {e(r['because'])}</td></tr>")
+        parts.append("</table>")
     side = [(m, k, v) for m in ("iti", "ipo") if m in st for k, v in st[m].get("side_metrics", {}).items()]
     if side:
         names = {"truth_info_pct": "True*Info as ITI computes it (% true x % informative / 100)", "mc1": "MC1",

@@ -61,3 +61,34 @@ def test_verdicts_follow_the_numbers():
     below = stats.verdict("ITI", stats.null_test(0.25, [0.31, 0.26, 0.25, 0.26, 0.30, 0.27]))
     assert "no evidence for the localization" in below and "8th percentile" in below  # the tie counts one half
     assert "no random head sets" in stats.verdict("ITI", stats.null_test(0.3, []))
+
+
+def _null(target, scores):
+    return stats.null_test(target, scores).as_dict()
+
+
+def test_replication_rows_follow_the_numbers():
+    from locaudit.replication import markdown, replication_rows
+
+    arms = {name: {"ci": [0.3, 0.5], "n_questions": 40, "truth_info": 0.4} for name in ("ipo-top16", "full", "iti-top16")}
+    st = {"arms": arms,
+          "iti": {"top_arm": "iti-top16", "test": _null(0.2, [0.3, 0.31, 0.29, 0.28]),
+                  "side_metrics": {"mc2": {**_null(0.6, [0.3, 0.31, 0.29, 0.28]), "ci": [0.5, 0.7]}}},
+          "ipo": {"top_arm": "ipo-top16", "test": _null(0.5, [0.45, 0.55, 0.4]), "random_scores": [0.45, 0.55, 0.4],
+                  "fraction_of_full": {"ipo-top16": {"ratio": 1.1, "ci": [0.9, 1.3]},
+                                       "ipo-random16-s0": {"ratio": 0.7, "ci": [0.5, 0.9]},
+                                       "ipo-random16-s1": {"ratio": 1.0, "ci": [0.8, 1.2]}}},
+          "single": {"n": 2, "n_reaching_full": 1, "full_ci_low": 0.3}}
+    rows = {r["key"]: r for r in replication_rows(st)}
+    assert rows["iti_special"]["verdict"] == "does not replicate"  # S* below every random set
+    assert rows["iti_mc2"]["verdict"] == "inconclusive"  # above all 4 sets, but rank p >= 1/5
+    assert "cannot fall below 0.200" in rows["iti_mc2"]["because"]
+    assert rows["ipo_random"]["verdict"] == "replicates" and "1 of 3 random sets" in rows["ipo_random"]["measured"]
+    assert rows["ipo_full"]["verdict"] == "replicates" and rows["random_full"]["verdict"] == "replicates"
+    assert "1 of 2 random sets' paired 95% CIs" in rows["random_full"]["measured"]
+    assert rows["single"]["verdict"] == "inconclusive" and "ipo_mc2" not in rows
+    st["ipo"]["fraction_of_full"]["ipo-top16"]["ci"] = [0.5, 0.95]
+    assert {r["key"]: r for r in replication_rows(st)}["ipo_full"]["verdict"] == "does not replicate"
+    st["iti"]["test"] = _null(0.9, [0.3] * 30)
+    assert {r["key"]: r for r in replication_rows(st)}["iti_special"]["verdict"] == "replicates"
+    assert markdown(replication_rows(st)).count("\n") == len(replication_rows(st)) + 1

@@ -237,3 +237,7 @@ def test_fit_statuses_and_stuck_fits_left_out_of_the_null(study_dir):
     run = json.loads((out / "run.json").read_text())
     assert run["samples"]["test"]["n"] == 4 and sum(run["samples"]["test"]["type"].values()) == 4
     assert "stratified by Type and Category" in (out / "report.html").read_text()
+    keys = {r["key"] for r in res["replication"]}
+    assert {"iti_special", "ipo_random", "ipo_full", "single"} <= keys
+    assert all(r["verdict"].startswith(("replicates", "does not", "inconclusive")) for r in res["replication"])
+    assert "The paper's findings beside this run" in (out / "report.html").read_text()
