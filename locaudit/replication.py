@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from locaudit.stats import ordinal
+
 ALPHA = 0.05
 
 
@@ -24,7 +26,7 @@ class Finding:
 
 def _null_text(t: dict, fmt: str = "{:.3f}") -> str:
     return (f"S* {fmt.format(t['target'])} vs random mean {fmt.format(t['random_mean'])} (n={t['n_random']} sets): "
-            f"{t['percentile']:.0f}th percentile, rank p = {t['p_rank']:.3f}, t-test p = {t['p_ttest']:.2g}")
+            f"{ordinal(t['percentile'])} percentile, rank p = {t['p_rank']:.3f}, t-test p = {t['p_ttest']:.2g}")
 
 
 def _ci(arms: dict, name: str) -> str:
@@ -39,7 +41,7 @@ def _separates(t: dict) -> tuple[str, str]:
     if t["target"] > t["random_mean"] and t["p_rank"] <= ALPHA:
         return "yes", f"S* beats the random null (rank p = {t['p_rank']:.3f} <= {ALPHA})"
     if t["percentile"] <= 50:
-        return "no", f"S* is at or below the random sets' median ({t['percentile']:.0f}th percentile)"
+        return "no", f"S* is at or below the random sets' median ({ordinal(t['percentile'])} percentile)"
     floor = 1 / (t["n_random"] + 1)
     extra = f"; with {t['n_random']} sets the rank p cannot fall below {floor:.3f}" if floor > ALPHA else ""
     return "unclear", f"S* is above the median but not separated (rank p = {t['p_rank']:.3f}){extra}"
@@ -80,7 +82,7 @@ def _ipo_random_as_good(st: dict, tests: dict):
         return measured, "does not replicate", why + ": here the probe heads are special"
     if n_ge > 0:
         return measured, "replicates", f"{n_ge} random set(s) do at least as well as S*; {why}"
-    return measured, "inconclusive", f"no random set reaches S*, but {why}"
+    return measured, "inconclusive", f"no random set reaches S*; {why}"
 
 
 def _s_star_vs_full(st: dict, tests: dict):

@@ -97,7 +97,7 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
         if stuck:  # leaving fits out on their outcome is a choice: show what counting them as they are gives
             with_stuck = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in by_group(method, "random")])
             verdict += (f" {len(stuck)} random set(s) never left the identity and are left out of this null; counted "
-                        f"at their unedited score, S* would sit at the {with_stuck.percentile:.0f}th percentile "
+                        f"at their unedited score, S* would sit at the {stats.ordinal(with_stuck.percentile)} percentile "
                         f"(rank p = {with_stuck.p_rank:.3f}).")
         for who, row in (("S*", top[0]), ("full alignment", full if method == "ipo" else None)):
             if row is not None and fit_status(row) == "stuck":
@@ -127,7 +127,7 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
             res["side_metrics"][metric] = entry
         if full is not None and method == "ipo":
             ratios = {}
-            for r in top + rand:
+            for r in top + rand + by_group("ipo", "all-heads"):
                 p, lo, hi = stats.paired_ratio_ci(_per_q(r), _per_q(full), n_boot=n_boot, seed=seed)
                 ratios[r["arm"]] = {"ratio": p, "ci": [lo, hi]}
             res["fraction_of_full"] = ratios

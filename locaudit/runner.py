@@ -115,7 +115,8 @@ class ArmRunner:
                 pass  # damaged edit files: refit below
         t = time.time()
         cfg = replace(ctx.preset.fit, tau=value)
-        n_heads = None if arm.heads is None else len(arm.heads)
+        n_all = ctx.lm.arch.n_layers * ctx.lm.arch.n_heads
+        n_heads = None if arm.heads is None or len(arm.heads) == n_all else len(arm.heads)  # all heads: lr_all
         result = fit_to_optimum(ctx.lm, lambda: make_edit(ctx.lm, arm.heads, seed=ctx.preset.data.seed, scale=cfg.lora_scale),
                                 self.train_pairs, self.val_pairs, cfg, n_heads=n_heads, progress=self.progress)
         summary = {"model": ctx.lm.name, "edit_label": arm.name, "split_hash": ctx.split.hash, **fit_summary(result)}

@@ -102,7 +102,7 @@ def null_test(target: float, random_scores: Sequence[float]) -> NullTest:
     return NullTest(float(target), n, float(r.mean()), sd, t, p, float(pct), float(p_rank))
 
 
-def _ordinal(x: float) -> str:
+def ordinal(x: float) -> str:
     n = int(round(x))
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -123,7 +123,7 @@ def verdict(method: str, test: NullTest, alpha: float = 0.05) -> str:
     n_at_least = int(round(test.p_rank * (n + 1))) - 1  # random sets scoring at least S*'s value
     floor = 1 / (n + 1)
     base = (f"{method}: S* scores {test.target:.3f} vs random sets {test.random_mean:.3f} "
-            f"(sd {test.random_sd:.3f}, n={n}); S* is at the {_ordinal(test.percentile)} percentile of the "
+            f"(sd {test.random_sd:.3f}, n={n}); S* is at the {ordinal(test.percentile)} percentile of the "
             f"random null (rank p = {test.p_rank:.3f}, t-test p = {test.p_ttest:.2g}).")
     if above and sig_rank:
         return base + " Edit-based evidence does single out S* here."

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from locaudit.config import DataConfig, ModelConfig
 from locaudit.errors import LocauditError
-from locaudit.heads import Head, HeadSet, random_heads, single_head
+from locaudit.heads import Head, HeadSet, all_heads, random_heads, single_head
 from locaudit.training import FitConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -30,6 +30,9 @@ class StudySettings:
     max_test_questions: int | None = None
     probe_format: str = "iti_end_q"
     n_boot: int = 2000
+    # also fit the paper's reparameterised edit with S = every head (its "all heads" IPO curve), beside the plain
+    # full rank-1 LoRA of full alignment
+    all_heads_arm: bool = False
 
     def __post_init__(self):
         for name in ("top_k", "n_boot"):
@@ -127,7 +130,7 @@ class Arm:
 
     name: str  # e.g. iti-top16, ipo-random16-s3, full, ipo-single-L4H2, baseline
     method: str  # none | iti | ipo | full
-    group: str  # baseline | top | random | full | single-random | single-best
+    group: str  # baseline | top | random | full | all-heads | single-random | single-best
     heads: HeadSet | None
 
     @property
@@ -145,6 +148,8 @@ def plan_arms(study: StudySettings, ranking: list[Head], n_layers: int, n_heads:
     arms += [Arm(f"ipo-{top.label}", "ipo", "top", top)]
     arms += [Arm(f"ipo-{r.label}", "ipo", "random", r) for r in randoms]
     arms += [Arm("full", "full", "full", None)]
+    if study.all_heads_arm:
+        arms += [Arm("ipo-allheads", "ipo", "all-heads", all_heads(n_layers, n_heads))]
     best = single_head(ranking[0])
     arms += [Arm(f"ipo-{best.label}", "ipo", "single-best", best)]
     if study.n_single:

@@ -22,18 +22,9 @@ from locaudit.interventions import (
     ITI, FullRank1, LocalizedRank1, NoEdit, declared_positions, edit_positions, load_intervention,
 )
 from locaudit.scoring import Encoded, answer_logprobs, batch_answer_logprobs, collate, prefix_kv
-from tests.conftest import make_tiny
+from tests.conftest import FAMILIES, make_tiny
 
-FAMILIES = ["llama", "qwen2", "gpt2", "gpt_neox", "gemma2"]
 SPEC = "L0H1,L1H2,L2H0,L2H3"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_iti(lm, placement, alpha=4.0, seed=1) -> ITI:

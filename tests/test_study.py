@@ -16,7 +16,7 @@ from tests.study_child import HashJudge
 def tiny_preset():
     p = load_preset("smoke")
     study = replace(p.study, top_k=3, n_random_sets=2, n_single=2, alphas=(5.0, 15.0), taus=(0.1,),
-                    max_val_questions=3, max_test_questions=4)
+                    max_val_questions=3, max_test_questions=4, all_heads_arm=True)
     return replace(p, study=study, fit=replace(p.fit, max_train_pairs=8, max_val_pairs=4, max_steps=6, eval_every=2, patience=2),
                    eval=replace(p.eval, max_new_tokens=6, text_docs=2, text_tokens=24, val_side_metrics=True))
 
@@ -234,6 +234,10 @@ def test_fit_statuses_and_stuck_fits_left_out_of_the_null(study_dir):
     assert len(val) == 2 and all(r["mc2"] is not None and r["kl"] is not None for r in val)
     pts = st["single"]["vs_probe"]
     assert {p["arm"] for p in pts} >= set(st["single"]["scores"]) and all(0 <= p["probe_acc"] <= 1 for p in pts)
+    # the reparameterised edit with S = all heads: a LocalizedRank1 over every head, at lr_all, beside full LoRA
+    allh = json.loads((out / "edits" / "ipo-allheads" / "tau0.1" / "edit.json").read_text())
+    assert allh["kind"] == "localized" and len(allh["heads"]) == 12 and allh["config"]["lr"] == 0.03
+    assert "ipo-allheads" in st["ipo"]["fraction_of_full"]
     run = json.loads((out / "run.json").read_text())
     assert run["samples"]["test"]["n"] == 4 and sum(run["samples"]["test"]["type"].values()) == 4
     assert "stratified by Type and Category" in (out / "report.html").read_text()
