@@ -25,6 +25,8 @@ class Finding:
 
 
 def _null_text(t: dict, fmt: str = "{:.3f}") -> str:
+    if t["n_random"] == 0:
+        return f"S* {fmt.format(t['target'])}; no random set was evaluated (every one stuck, or none planned)"
     return (f"S* {fmt.format(t['target'])} vs random mean {fmt.format(t['random_mean'])} (n={t['n_random']} sets): "
             f"{ordinal(t['percentile'])} percentile, rank p = {t['p_rank']:.3f}, t-test p = {t['p_ttest']:.2g}")
 

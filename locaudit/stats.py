@@ -103,6 +103,9 @@ def null_test(target: float, random_scores: Sequence[float]) -> NullTest:
 
 
 def ordinal(x: float) -> str:
+    """12 -> "12th", 33.3 -> "33rd"; an undefined percentile (no random sets) -> "undefined"."""
+    if not np.isfinite(x):
+        return "undefined"
     n = int(round(x))
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"

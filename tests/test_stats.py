@@ -92,3 +92,16 @@ def test_replication_rows_follow_the_numbers():
     st["iti"]["test"] = _null(0.9, [0.3] * 30)
     assert {r["key"]: r for r in replication_rows(st)}["iti_special"]["verdict"] == "replicates"
     assert markdown(replication_rows(st)).count("\n") == len(replication_rows(st)) + 1
+
+
+def test_replication_rows_without_random_sets():
+    """Every random set stuck (or none planned): no percentile exists, and the rows say so instead of failing."""
+    from locaudit.replication import replication_rows
+
+    empty = _null(0.3, [])
+    st = {"arms": {a: {"ci": [0.2, 0.4], "n_questions": 6, "truth_info": 0.3} for a in ("ipo-top16", "iti-top16")},
+          "ipo": {"top_arm": "ipo-top16", "test": empty, "random_scores": []},
+          "iti": {"top_arm": "iti-top16", "test": empty}}
+    rows = {r["key"]: r for r in replication_rows(st)}
+    assert rows["ipo_random"]["verdict"] == "inconclusive" and "no random set was evaluated" in rows["ipo_random"]["measured"]
+    assert stats.ordinal(float("nan")) == "undefined" and stats.ordinal(33.3) == "33rd" and stats.ordinal(12) == "12th"
