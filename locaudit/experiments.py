@@ -108,6 +108,17 @@ def make_edit(lm: LoadedModel, heads: HeadSet | None, seed: int = 0, scale: floa
     return LocalizedRank1(heads, lm.arch, seed=seed, scale=scale)
 
 
+def fit_optimal_edit(lm: LoadedModel, heads: HeadSet | None, train_pairs, val_pairs, cfg, seed: int = 0,
+                     progress: bool = True):
+    """The optimal edit at `heads` (None: full alignment), trained to its optimum from fresh edits
+    (`training.fit_to_optimum`); a set of every head takes the all-heads learning rate, like full alignment."""
+    from locaudit.training import fit_to_optimum
+
+    n_heads = None if heads is None or len(heads) == lm.arch.n_total_heads else len(heads)
+    return fit_to_optimum(lm, lambda: make_edit(lm, heads, seed=seed, scale=cfg.lora_scale), train_pairs, val_pairs,
+                          cfg, n_heads=n_heads, progress=progress)
+
+
 def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = None, top_k: int | None = None,
             probes: Path | None = None, random_k: int | None = None, all_heads: bool = False, full: bool = False,
             objective: str = "ipo", tau: float = 0.1, epochs: int = 2, lr: float | None = None, batch_size: int = 4,
@@ -118,7 +129,7 @@ def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = 
     training_curve.png under `out`; return the edit.json record."""
     from locaudit.data.examples import preference_pairs
     from locaudit.figures import training_curve
-    from locaudit.training import FitConfig, fit_summary, fit_to_optimum
+    from locaudit.training import FitConfig, fit_summary
 
     cfg = FitConfig(objective=objective, tau=tau, epochs=epochs, lr=lr, batch_size=batch_size, fmt=fmt,
                     max_train_pairs=max_train_pairs, max_val_pairs=max_val_pairs,
@@ -129,9 +140,8 @@ def run_fit(mcfg: ModelConfig, dcfg: DataConfig, out: Path, heads: str | None = 
     hs = None if full else resolve_heads(lm, heads=heads, top_k=top_k, probes=probes, random_k=random_k,
                                          seed=dcfg.seed, all_=all_heads)
     split = dcfg.load_split()
-    n_heads = None if (hs is None or len(hs) == lm.arch.n_total_heads) else len(hs)
-    result = fit_to_optimum(lm, lambda: make_edit(lm, hs, seed=dcfg.seed, scale=cfg.lora_scale), preference_pairs(split.train),
-                            preference_pairs(split.val), cfg, n_heads=n_heads, progress=progress)
+    result = fit_optimal_edit(lm, hs, preference_pairs(split.train), preference_pairs(split.val), cfg, seed=dcfg.seed,
+                              progress=progress)
     label = "full" if hs is None else hs.label
     summary = {"model": lm.name, "edit_label": label, "heads": "all (full rank-1 LoRA)" if hs is None else hs.names,
                "split_hash": split.hash, "data": asdict(dcfg), **fit_summary(result),

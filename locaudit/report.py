@@ -212,18 +212,19 @@ def write_report(run_dir: Path) -> dict:
     atomic_write_text(run_dir / "results.csv", buf.getvalue())
 
     probe_npz = run_dir / "probes" / "probes.npz"
-    st = compute_stats(tests, n_boot, probe_acc=np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None)
+    probe_acc = np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None
+    st = compute_stats(tests, n_boot, probe_acc=probe_acc)
     judge = next((r.get("judge") for r in trials if r.get("judge")), None)
     results = {"config": config, "run": run, "stats": st, "judge": judge, "replication": replication.replication_rows(st),
                "rows": [{k: v for k, v in r.items() if k != "per_question"} for r in trials]}
     atomic_write_json(run_dir / "results.json", results)
 
-    figs = _figures(run_dir, tests, trials, st)
+    figs = _figures(run_dir, tests, trials, st, probe_acc)
     atomic_write_text(run_dir / "report.html", _html(config, run, st, judge, tests, figs, results["replication"]))
     return results
 
 
-def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict) -> dict[str, Path]:
+def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc: np.ndarray | None) -> dict[str, Path]:
     fdir = run_dir / "figures"
     out = {}
     full = tests.get("full", {}).get("truth_info")
@@ -269,12 +270,10 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict) -> dict[s
     out["truth_info"] = figures.scatter(pts, "info", "truth", fdir / "truth_vs_info.png", "Truth vs informativeness (test)")
     if any(p["kl"] is not None for p in pts):
         out["kl_mc1"] = figures.scatter(pts, "kl", "mc1", fdir / "kl_vs_mc1.png", "KL from unedited vs MC1 (test)")
-    probe_npz = run_dir / "probes" / "probes.npz"
-    if probe_npz.is_file():
-        acc = np.load(probe_npz)["val_acc"]
+    if probe_acc is not None:
         top = next((r["heads"] for r in tests.values() if r["method"] == "iti" and r["group"] == "top"), "")
         marked = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in top.split(",") if h]
-        out["probe_heatmap"] = figures.probe_heatmap(acc, fdir / "probe_heatmap.png", marked)
+        out["probe_heatmap"] = figures.probe_heatmap(probe_acc, fdir / "probe_heatmap.png", marked)
     return out
 
 

@@ -97,10 +97,10 @@ class ArmRunner:
         return arm.name, chosen, seconds, n + 1
 
     def _edit(self, arm, value, seconds):
-        from locaudit.experiments import make_edit
+        from locaudit.experiments import fit_optimal_edit
         from locaudit.interventions import ITI, NoEdit, load_intervention
         from locaudit.study import edit_dir
-        from locaudit.training import fit_summary, fit_to_optimum
+        from locaudit.training import fit_summary
 
         ctx = self.ctx
         if arm.method == "none":
@@ -115,10 +115,8 @@ class ArmRunner:
                 pass  # damaged edit files: refit below
         t = time.time()
         cfg = replace(ctx.preset.fit, tau=value)
-        n_all = ctx.lm.arch.n_layers * ctx.lm.arch.n_heads
-        n_heads = None if arm.heads is None or len(arm.heads) == n_all else len(arm.heads)  # all heads: lr_all
-        result = fit_to_optimum(ctx.lm, lambda: make_edit(ctx.lm, arm.heads, seed=ctx.preset.data.seed, scale=cfg.lora_scale),
-                                self.train_pairs, self.val_pairs, cfg, n_heads=n_heads, progress=self.progress)
+        result = fit_optimal_edit(ctx.lm, arm.heads, self.train_pairs, self.val_pairs, cfg, seed=ctx.preset.data.seed,
+                                  progress=self.progress)
         summary = {"model": ctx.lm.name, "edit_label": arm.name, "split_hash": ctx.split.hash, **fit_summary(result)}
         result.edit.save(d, extra=summary)
         seconds["ipo_train"] += time.time() - t
