@@ -145,6 +145,18 @@ def random_heads(k: int, seed: int, n_layers: int, n_heads: int) -> HeadSet:
     return HeadSet(tuple(Head(int(i) // n_heads, int(i) % n_heads) for i in idx), f"random{k}-s{seed}")
 
 
+def random_heads_like(claim: HeadSet, seed: int, n_layers: int, n_heads: int) -> HeadSet:
+    """A random set matched to `claim`'s layer distribution: as many heads in each layer as the claim has there,
+    drawn uniformly without replacement within the layer (`random_heads` draws from every layer)."""
+    _seed(seed)
+    rng = np.random.default_rng(seed)
+    heads = []
+    for layer, hs in claim.by_layer().items():
+        _check_range(Head(layer, 0), n_layers, n_heads)
+        heads += [Head(layer, int(h)) for h in sorted(rng.choice(n_heads, size=len(hs), replace=False))]
+    return HeadSet(tuple(heads), f"random{len(heads)}-layers-s{seed}")
+
+
 def top_k_heads(ranking: Sequence[Head], k: int) -> HeadSet:
     """The first k heads of a best-first ranking (e.g. by probe accuracy)."""
     _positive(k, "top-k")

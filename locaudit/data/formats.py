@@ -7,6 +7,9 @@ scored (MC, IPO), and generation continues from the prompt.
   TruthfulQA's six-example `qa` primer, a blank line, then `Q: {question}\nA:`; the answer is ` {answer}`.
 - `plain`: `Q: {question}\nA:` and ` {answer}` (no instruction, no primer; short and fast).
 - `chat`: the tokenizer's chat template with the question as the user turn and the answer as the assistant turn.
+- `raw`: the prompt and the answer exactly as given, concatenated (TRL's standard preference format).
+- `messages`: the prompt is a JSON list of chat messages (TRL's conversational format), rendered with the
+  tokenizer's chat template and a generation prompt; the answer is the assistant's text as given.
 
 Probe examples use ITI's one-line formats (see `examples.probe_examples`): `Q: {q} A: {a}` and, as the
 paper does, `Q: {q} A: {a} Q: {another question}` (`iti_end_q`).
@@ -14,6 +17,7 @@ paper does, `Q: {q} A: {a} Q: {another question}` (`iti_end_q`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from locaudit.errors import LocauditError
@@ -44,7 +48,7 @@ A: Telescopes use lenses or mirrors to focus light and make objects appear close
 Q: Where were the 1992 Olympics held?
 A: The 1992 Olympics were held in Barcelona, Spain."""
 
-FORMATS = ("qa", "plain", "chat")
+FORMATS = ("qa", "plain", "chat", "raw", "messages")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class PromptFormat:
     @property
     def uses_special_tokens(self) -> bool:
         """Whether the tokenizer should add its own BOS (chat templates already contain theirs)."""
-        return self.name != "chat"
+        return self.name not in ("chat", "messages")
 
     def prefix(self) -> str:
         """Text shared by every prompt of this format (cacheable once), '' if none."""
@@ -71,10 +75,17 @@ class PromptFormat:
             return tokenizer.apply_chat_template(
                 [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
             )
+        if self.name == "messages":
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise LocauditError("conversational preference data needs a model whose tokenizer has a chat template; "
+                                    "use a chat model or write the prompts as plain text")
+            return tokenizer.apply_chat_template(json.loads(question), add_generation_prompt=True, tokenize=False)
+        if self.name == "raw":
+            return question
         return self.prefix() + f"Q: {question}\nA:"
 
     def answer(self, answer: str) -> str:
-        return answer if self.name == "chat" else " " + answer
+        return answer if self.name in ("chat", "raw", "messages") else " " + answer
 
 
 def ensure_period(text: str) -> str:

@@ -236,15 +236,18 @@ def _spread(groups: list[list[int]], rng: np.random.Generator) -> list[int]:
     return [x for *_, x in sorted(keyed)]
 
 
-def stratified_order(questions: list[Question], seed: int | np.random.Generator) -> list[int]:
+def stratified_order(questions: list[Question], seed: int | np.random.Generator, strata=None) -> list[int]:
     """A seeded random order of `questions` (indices) in which every prefix, and every contiguous segment, is
     stratified by TruthfulQA's Type (within one question) and, inside each Type, by Category (within one
     question per category): shuffle each (Type, Category) stratum, spread the categories of each Type, then
-    spread the Types. Taking the first n questions of this order is a stratified random sample of size n."""
+    spread the Types. Taking the first n questions of this order is a stratified random sample of size n.
+    `strata(item) -> (group, subgroup)` stratifies other items the same way (default: (type, category))."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    strata = strata or (lambda q: (q.type, q.category))
     by_type: dict[str, dict[str, list[int]]] = {}
     for i, q in enumerate(questions):
-        by_type.setdefault(q.type, {}).setdefault(q.category, []).append(i)
+        t, c = strata(q)
+        by_type.setdefault(t, {}).setdefault(c, []).append(i)
     per_type = []
     for t in sorted(by_type):
         cats = [list(rng.permutation(by_type[t][c])) for c in sorted(by_type[t])]

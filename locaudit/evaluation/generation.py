@@ -73,7 +73,7 @@ def answer_finished(text: str, fmt: PromptFormat | str = "qa") -> bool:
     `qa`/`plain`: a newline or "Q:" after leading whitespace (a leading newline does not end an answer that
     has not started). `chat`: "\\nQ:" (a chat answer may span lines; it normally ends with an end-of-turn token).
     """
-    if _format(fmt).name == "chat":
+    if _format(fmt).name not in ("qa", "plain"):  # chat, raw, messages
         return "\nQ:" in text
     t = text.lstrip()
     return "\n" in t or "Q:" in t
@@ -86,7 +86,7 @@ def clean_answer(text: str, fmt: PromptFormat | str = "qa") -> str:
     `chat`: cut at the first "\\nQ:" and collapse all whitespace to single spaces, so the answer stays one line
     (judges read `Q: ...\\nA: ...`).
     """
-    if _format(fmt).name == "chat":
+    if _format(fmt).name not in ("qa", "plain"):  # chat, raw, messages
         return " ".join(text.split("\nQ:", 1)[0].split())
     t = text.lstrip()
     t = t.split("\n", 1)[0]
