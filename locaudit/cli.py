@@ -160,6 +160,21 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out}/metrics.json, answers.jsonl")
 
 
+def cmd_export(args) -> None:
+    from locaudit.config import ModelConfig
+    from locaudit.experiments import load
+    from locaudit.export import check_out_dir, export_peft
+    from locaudit.interventions import load_intervention
+
+    check_out_dir(args.peft)  # before the model is loaded
+    if not ((args.edit_dir / "edit.json").is_file() and (args.edit_dir / "edit.safetensors").is_file()):
+        raise LocauditError(f"{args.edit_dir} is not an edit directory (needs edit.json and edit.safetensors); "
+                            f"give the --out of `locaudit fit`")
+    lm = load(ModelConfig(args.model, args.device, args.dtype))
+    what = export_peft(load_intervention(args.edit_dir, lm.arch), lm, args.peft)
+    print(f"wrote {what} to {args.peft}")
+
+
 def cmd_judge(args) -> None:
     if args.action == "run":
         from locaudit.experiments import judge_run
@@ -258,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="generate, judge, MC1/MC2, CE and KL for no edit, ITI, or a fitted edit")
     _common(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--edit", type=Path, help="an edit directory written by `locaudit fit`")
+    g.add_argument("--edit", type=Path, help="an edit directory written by `locaudit fit`, or a PEFT rank-1 LoRA "
+                                             "adapter on the attention output projections")
     g.add_argument("--iti", action="store_true", help="ITI steering (with --heads or --top-k, and --alpha)")
     g.add_argument("--none", action="store_true", help="the unedited model")
     p.add_argument("--heads", type=_head_list, default=None)
@@ -275,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-docs", type=_nonneg_int, default=100, help="0 skips CE/KL")
     p.add_argument("--max-new-tokens", type=_positive_int, default=50)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a fitted edit as a PEFT LoRA adapter (ITI with placement all: the "
+                                      "merged model) for use outside locaudit")
+    p.add_argument("edit_dir", type=Path, help="an edit directory (edit.json + edit.safetensors): the --out of "
+                                                     "`locaudit fit`, or RUN/edits/ARM/tauT of a study run")
+    p.add_argument("--peft", type=Path, required=True, metavar="OUT", help="new directory for the adapter")
+    p.add_argument("--model", default="smollm2-135m", help="the model the edit was fitted on")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32 (default; a merged ITI model is saved in it), "
+                                                      "bfloat16 or float16")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("judge", help="report the judges' held-out accuracy (`judge report`), or score a run made with "
                                       "--judge none and write its report (`judge run RUN_DIR`)")
@@ -402,9 +429,10 @@ def _check_data(args) -> None:
 def _check_inputs(args) -> None:
     """Input directories and files named on the command line exist and look right (before loading a model)."""
     edit = getattr(args, "edit", None)
-    if edit is not None and not ((edit / "edit.json").is_file() and (edit / "edit.safetensors").is_file()):
-        raise LocauditError(f"--edit {edit} is not an edit directory (needs edit.json and edit.safetensors); "
-                            f"give the --out of `locaudit fit`")
+    if edit is not None and not ((edit / "edit.json").is_file() and (edit / "edit.safetensors").is_file()
+                                 or (edit / "adapter_config.json").is_file()):
+        raise LocauditError(f"--edit {edit} is not an edit directory (needs edit.json and edit.safetensors, or a "
+                            f"PEFT adapter's adapter_config.json); give the --out of `locaudit fit`")
     probes = getattr(args, "probes", None)
     if probes is not None and not (probes / "probes.npz").is_file():
         raise LocauditError(f"--probes {probes} has no probes.npz; give the --out of `locaudit probe`")

@@ -4,7 +4,8 @@ Every intervention edits layer l's attention output r^{l+1} = r^l + W^l o^l and 
 - `attach(lm)`: a context manager that installs hooks and removes them on exit (generation, MC scoring,
   KL and training all use a model with an intervention attached and never ask which kind it is);
 - `merge(lm)`: fold the edit into the weights exactly (then `save_pretrained` works);
-- `save(dir)` / `load_intervention(dir)`: `edit.safetensors` + `edit.json`.
+- `save(dir)` / `load_intervention(dir)`: `edit.safetensors` + `edit.json`; `load_intervention` also reads a PEFT
+  rank-1 LoRA adapter directory on the W^l (`import_peft`; `locaudit.export.export_peft` writes them).
 
 Kinds:
 - `ITI` (Li et al. 2023, eq. 5 of Wang & Veitch): o_h^l += alpha * sigma_h^l * u_h^l for heads in S, at the
@@ -43,6 +44,7 @@ from torch import nn
 from locaudit.errors import LocauditError
 from locaudit.heads import HeadSet, parse_heads
 from locaudit.models import Arch, LoadedModel
+from locaudit.peft_adapter import is_adapter_dir, read_adapter
 from locaudit.storage import atomic_write, atomic_write_json, read_json
 
 
@@ -343,12 +345,28 @@ class FullRank1(Intervention):
                 self.B[str(l)].copy_(tensors[f"B.{l}"])
 
 
+def import_peft(path: Path, arch: Arch) -> FullRank1:
+    """A PEFT rank-1 LoRA adapter on the W^l (e.g. written by `locaudit export --peft`) as the FullRank1 on its
+    layers with PEFT's factors and scaling: W^l <- W^l + scale B^l A^l, the same update PEFT applies, so the
+    adapter is evaluated like any fitted edit. A localized edit comes back as this equivalent FullRank1
+    (B^l = W^l b^l); its head set is not recorded in PEFT's format."""
+    lora = read_adapter(path, arch)
+    all_layers = lora.layers == list(range(arch.n_layers))
+    edit = FullRank1(arch, layers=None if all_layers else lora.layers, scale=lora.scale)
+    edit.load_tensors({**{f"A.{l}": lora.A[l] for l in lora.layers}, **{f"B.{l}": lora.B[l] for l in lora.layers}})
+    return edit
+
+
 def load_intervention(path: Path, arch: Arch) -> Intervention:
-    """Load an edit saved by `Intervention.save` (a directory with edit.json and edit.safetensors)."""
+    """Load an edit saved by `Intervention.save` (a directory with edit.json and edit.safetensors), or a PEFT
+    rank-1 LoRA adapter directory on the W^l (adapter_config.json; see `import_peft`)."""
     path = Path(path)
+    if is_adapter_dir(path):
+        return import_peft(path, arch)
     meta_path, tensor_path = path / "edit.json", path / "edit.safetensors"
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise LocauditError(f"{path} is not an edit directory (needs edit.json and edit.safetensors); run `locaudit fit --out {path}`")
+        raise LocauditError(f"{path} is not an edit directory (needs edit.json and edit.safetensors, or a PEFT "
+                            f"adapter's adapter_config.json); run `locaudit fit --out {path}`")
     meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise LocauditError(f"{meta_path} is not an edit description (expected a JSON object); refit the edit")
