@@ -212,6 +212,32 @@ def cmd_run(args) -> None:
     print(console_summary(out, results))
 
 
+def cmd_audit(args) -> None:
+    from datetime import datetime
+
+    from locaudit.audit import AuditConfig, audit
+    from locaudit.heads import parse_heads
+    from locaudit.models import load_model
+    from locaudit.study import load_preset, with_overrides
+    from locaudit.tasks import TruthfulQATask, load_task
+
+    preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
+                            data_dir=args.data_dir, seed=args.seed)
+    parse_heads(args.heads)  # head-name syntax fails now, before the model is loaded
+    if args.task == "truthfulqa":
+        task = TruthfulQATask(data_dir=preset.data.data_dir, fmt=preset.eval.fmt, judge=preset.eval.judge,
+                              max_new_tokens=preset.eval.max_new_tokens)
+    else:
+        task = load_task(args.task)
+    cfg = AuditConfig.from_preset(preset, n_random=args.random, match_layers=args.match_layers or None,
+                                  limit_items=args.limit_items)
+    task.split(cfg.seed, cfg.limit_items)  # bad or too little data fails now, before the model is loaded
+    out = args.out or Path("runs") / ("audit-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    lm = load_model(preset.model.model, device=preset.model.device, dtype=preset.model.dtype)
+    result = audit(args.heads, task, out, cfg, lm=lm)
+    print(f"{result.verdict}\nreport: {Path(out) / 'report.html'}")
+
+
 def cmd_report(args) -> None:
     from locaudit.report import write_report
 
@@ -323,6 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="processes that run arms in parallel (default: one per CPU core, up to 8; 1 on a GPU)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("audit", help="audit a localization claim: the optimal edit at the claimed heads vs random "
+                                     "head sets of the same size and full alignment, on any task")
+    p.add_argument("--heads", required=True, help="the claim, e.g. L12H3,L14H1")
+    p.add_argument("--task", required=True, help="truthfulqa, caa:<behaviour> (sycophancy, refusal, survival-instinct, "
+                                                 "corrigibility, myopic-reward, hallucination, coordinate-other-ais), "
+                                                 "or a preference .jsonl file (TRL format)")
+    p.add_argument("--preset", default="quick", help="sizes the audit like `run`: smoke, demo, quick (default), paper, "
+                                                    "or a .toml file")
+    p.add_argument("--out", type=Path, default=None, help="audit directory (default runs/audit-<timestamp>)")
+    for flag in ("--model", "--device", "--dtype", "--data-dir"):
+        p.add_argument(flag, default=None)
+    p.add_argument("--random", type=_nonneg_int, default=None, help="random sets (default: the preset's n_random_sets)")
+    p.add_argument("--match-layers", action="store_true",
+                   help="draw each random set with the claim's number of heads in each of its layers")
+    p.add_argument("--limit-items", type=_positive_int, default=None,
+                   help="a stratified random subset of the task's items (default: the preset's limit_questions)")
+    p.add_argument("--seed", type=_nonneg_int, default=None)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("report", help="rebuild results and report.html from a run directory")
     p.add_argument("run_dir", type=Path)

@@ -108,6 +108,25 @@ def plan(claim: HeadSet, n_layers: int, n_heads: int, cfg: AuditConfig) -> list[
     return arms
 
 
+def fit_edit(lm: LoadedModel, task: Task | str, heads: HeadSet | str | None, config: FitConfig | None = None,
+             seed: int = 0, limit: int | None = None, split: TaskSplit | None = None, progress: bool = True):
+    """The optimal edit at `heads` (names like "L12H3,L14H1", a HeadSet, or None for full alignment) for `task`,
+    trained on its training items and early-stopped on its validation items (`FitConfig`: tau, steps, patience);
+    returns the `training.FitResult` (`.edit` is the fitted edit, `.status` says whether it converged)."""
+    from locaudit.experiments import fit_optimal_edit
+
+    task = load_task(task)
+    a = lm.arch
+    if isinstance(heads, str):
+        heads = parse_heads(heads, a.n_layers, a.n_heads)
+    elif heads is not None:
+        heads = heads.validate(a.n_layers, a.n_heads)
+    split = split or task.split(seed, limit)
+    cfg = replace(config or FitConfig(), seed=seed, fmt=task.prompt_format(lm).name)
+    return fit_optimal_edit(lm, heads, task.pairs(split.train), task.pairs(split.val), cfg, seed=seed,
+                            progress=progress)
+
+
 def _tau_tag(tau: float) -> str:
     return f"tau{tau:g}"
 
@@ -147,8 +166,6 @@ class AuditRun:
     def run_trial(self, arm: Arm, tau: float | None) -> dict:
         """One (arm, tau): fit (unless `none`), save the edit, score validation (when there is a tau to choose)
         and test items; written atomically, and read back instead of recomputed when already there."""
-        from locaudit.experiments import fit_optimal_edit
-
         path = self.trial_path(arm, tau)
         if path.is_file():
             try:
@@ -161,9 +178,8 @@ class AuditRun:
         if arm.kind == "none":
             edit = NoEdit()
         else:
-            fcfg = replace(self.cfg.fit, tau=tau, seed=self.cfg.seed, fmt=self.task.prompt_format(self.lm).name)
-            result = fit_optimal_edit(self.lm, arm.heads, self.task.pairs(self.split.train),
-                                      self.task.pairs(self.split.val), fcfg, seed=self.cfg.seed, progress=self.progress)
+            result = fit_edit(self.lm, self.task, arm.heads, replace(self.cfg.fit, tau=tau), seed=self.cfg.seed,
+                              split=self.split, progress=self.progress)
             edit = result.edit
             summary = fit_summary(result)
             edit_dir = self.out / "edits" / f"{arm.name}-{_tau_tag(tau)}"
