@@ -32,14 +32,17 @@ def load_task(spec: str | Task) -> Task:
     if not isinstance(spec, str):
         return spec
     text = spec.strip()
-    if text.endswith(".jsonl") or Path(text).is_file():
-        return TASKS["jsonl"](text)
     name, _, arg = text.partition(":")
+    arg = arg.strip()
     factory = TASKS.get(name.lower())
+    if factory is None and (text.endswith(".jsonl") or Path(text).is_file()):
+        return TASKS["jsonl"](text)
     if factory is None:
         raise LocauditError(f"unknown task '{spec}'; {_HELP}")
     if name.lower() == "caa" and not arg:
         raise LocauditError(f"'caa' needs a behaviour, as caa:<behaviour>; one of {', '.join(CAA_BEHAVIOURS)}")
+    if name.lower() == "jsonl" and not arg:
+        raise LocauditError("'jsonl' needs a path, as jsonl:<file>; or give the path of the .jsonl file itself")
     return factory(arg or None)
 
 
