@@ -283,7 +283,8 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>locaudit report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}"
-             "th{background:#eee}.v{background:#f4f4ff;padding:.6em;border-left:4px solid #66f}</style></head><body>",
+             "th{background:#eee}.v{background:#f4f4ff;padding:.6em;border-left:4px solid #66f}"
+             "pre{white-space:pre-wrap;overflow-wrap:anywhere}</style></head><body>",
              "<h1>locaudit: does editing provide evidence for localization?</h1>",
              f"<p>Model <b>{e(str(run.get('model', preset['model']['model'])))}</b>, preset <b>{e(preset['name'])}</b>, "
              f"{run.get('n_test_questions', '?')} test / {run.get('n_val_questions', '?')} validation questions "

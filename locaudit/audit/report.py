@@ -59,7 +59,8 @@ def _html(result: AuditResult, fig: Path) -> str:
                  "" if r["status"] is None else f"{r['status']} ({r['steps']} steps)"]
         rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
     return ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-            f"<title>locaudit audit</title><style>body{{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}}"
+            "<title>locaudit audit</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em;"
+            "overflow-wrap:break-word}"
             "table{border-collapse:collapse;max-width:100%}td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}"
             "th{background:#eee}.v{background:#f4f4ff;padding:.6em;border-left:4px solid #66f}img{max-width:100%}</style>"
             f"</head><body><h1>Audit: {e(', '.join(result.claim))} on {e(result.task)}</h1>"
