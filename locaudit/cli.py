@@ -184,9 +184,9 @@ def cmd_judge(args) -> None:
             raise LocauditError("`locaudit judge run` needs the run directory: locaudit judge run RUN_DIR")
         print(console_summary(args.run_dir, judge_run(args.run_dir, args.judge)))
         return
-    from locaudit.evaluation.judges import judge_report
+    from locaudit.evaluation.judges import build_processes, judge_report
 
-    rep = judge_report(args.judge, data_dir=args.data_dir)
+    rep = judge_report(args.judge, data_dir=args.data_dir, processes=build_processes(4))
     print(json.dumps(rep, indent=2, default=str))
 
 

@@ -217,9 +217,9 @@ def run_study(preset, out: Path, progress: bool = True, lm: LoadedModel | None =
     # judge "none": store answers only (e.g. on a GPU machine without the judges); `judge_run` scores them later
     deferred = judges is None and preset.eval.judge == "none"
     if judges is None and not deferred:
-        from locaudit.evaluation.judges import load_judges
+        from locaudit.evaluation.judges import build_processes, load_judges
 
-        judges = load_judges(preset.eval.judge, data_dir=preset.data.data_dir, progress=progress)
+        judges = load_judges(preset.eval.judge, data_dir=preset.data.data_dir, progress=progress, processes=build_processes(4))
     stage_seconds["judges"] = time.time() - t0
     t0 = time.time()
     text = text_metrics_for(lm, preset.eval.text_source, n_docs=preset.eval.text_docs,
@@ -270,7 +270,7 @@ def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
     judge version is scored again, so one report never mixes judges."""
     from tqdm.auto import tqdm
 
-    from locaudit.evaluation.judges import load_judges
+    from locaudit.evaluation.judges import build_processes, load_judges
     from locaudit.evaluation.metrics import judge_answers, judged_fields
     from locaudit.report import load_trials, write_report
     from locaudit.storage import read_json
@@ -283,7 +283,7 @@ def judge_run(out: Path, judge: str = "default", progress: bool = True) -> dict:
     # an unfinished run (stopped by a time limit, say) is judged and reported as far as it got, marked partial;
     # rerunning the same `locaudit run` later finishes it
     run = read_json(out / "run.json") if (out / "run.json").is_file() else {"partial": True}
-    judges = load_judges(judge, data_dir=config["preset"]["data"].get("data_dir"), progress=progress)
+    judges = load_judges(judge, data_dir=config["preset"]["data"].get("data_dir"), progress=progress, processes=build_processes(4))
     infos = {"truth": judges[0].info(), "info": judges[1].info()}
     versions = (infos["truth"].get("version"), infos["info"].get("version"))
     paths = sorted((out / "trials").glob("*/*.json"))
@@ -328,7 +328,7 @@ def run_eval(mcfg: ModelConfig, dcfg: DataConfig, out: Path, edit_dir: Path | No
              text_source: str = "wiki", max_new_tokens: int = 50, placement: str = "iti",
              lm: LoadedModel | None = None, progress: bool = True) -> dict:
     """Evaluate no edit, ITI, or a saved edit on a split; write metrics.json and answers.jsonl under `out`."""
-    from locaudit.evaluation.judges import load_judges
+    from locaudit.evaluation.judges import build_processes, load_judges
     from locaudit.evaluation.lm_metrics import text_metrics_for
     from locaudit.evaluation.metrics import evaluate
     from locaudit.interventions import ITI, NoEdit, load_intervention
@@ -344,7 +344,7 @@ def run_eval(mcfg: ModelConfig, dcfg: DataConfig, out: Path, edit_dir: Path | No
         edit = ITI.from_probes(hs, probe_result, alpha, placement=placement)
     else:
         edit = NoEdit()
-    judges = load_judges(judge, data_dir=dcfg.data_dir, progress=progress)
+    judges = load_judges(judge, data_dir=dcfg.data_dir, progress=progress, processes=build_processes(4))
     text = text_metrics_for(lm, text_source, n_docs=text_docs) if text_docs > 0 else None
     m = evaluate(lm, edit, sp.part(split), fmt, judges=judges, text_metrics=text, out_dir=out,
                  max_new_tokens=max_new_tokens, progress=progress)

@@ -3,6 +3,7 @@ byte-level tokenizer (no downloads), and the real TruthfulQA questions from ../s
 
 from __future__ import annotations
 
+import string
 import sys
 from pathlib import Path
 
@@ -125,4 +126,25 @@ def trained_judges():
 
     if not all((SHARED / name).is_file() for name in ("TruthfulQA.csv", *J.LABEL_FILES.values())):
         pytest.skip("TruthfulQA judge data not found in ../shared")
-    return J.load_judges("default", SHARED, progress=False)
+    return J.load_judges("default", SHARED, progress=False, processes=J.build_processes(4))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """A 2-layer, 16-wide random BERT with a character-level WordPiece tokenizer, saved like a checkpoint: it stands
+    in for the judges' MiniLM encoder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_lowercase + string.digits + " .,?!'"))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=300))
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

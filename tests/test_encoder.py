@@ -7,31 +7,11 @@ import string
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from locaudit.errors import LocauditError
 from locaudit.evaluation import judges as J
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder_dir(tmp_path_factory):
-    """A 2-layer, 16-wide random BERT with a character-level WordPiece tokenizer, saved like a checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_lowercase + string.digits + " .,?!'"))}
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=300))
-    path = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
 
 
 def _texts(n: int, seed: int) -> list[str]:
@@ -88,3 +68,26 @@ def test_spawned_processes_give_single_process_vectors(tiny_encoder_dir):
     enc = J.Encoder(tiny_encoder_dir)
     par = enc.encode(list(reversed(texts)), batch_size=4, processes=2)[::-1]
     assert len(enc.memo) == len(texts) and np.array_equal(par, single)
+
+
+def test_one_process_starts_none(tiny_encoder_dir, monkeypatch):
+    """The default (and processes=1) embeds even a set big enough for the pool in this process: with process
+    creation made to fail, it still works, and only processes=2 reaches the pool."""
+    import multiprocessing.process
+
+    from locaudit.evaluation.judges import encoder
+
+    def refuse(*a, **k):
+        raise RuntimeError("a process was started")
+
+    monkeypatch.setattr(encoder, "ProcessPoolExecutor", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    texts = _texts(600, seed=3)  # over 8 batches of 64: processes > 1 would split them
+    enc = J.Encoder(tiny_encoder_dir)
+    vecs = enc.encode(texts)
+    assert vecs.shape == (len(texts), 16) and len(enc.memo) == len(texts)
+    assert np.array_equal(J.Encoder(tiny_encoder_dir).encode(texts, processes=1), vecs)
+    with pytest.raises(RuntimeError, match="a process was started"):
+        J.Encoder(tiny_encoder_dir).encode(texts, processes=2)
+    with pytest.raises(LocauditError, match="processes must be"):
+        enc.encode(texts, processes=0)

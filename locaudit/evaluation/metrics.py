@@ -11,15 +11,15 @@ For the model with `edit` attached, on a set of TruthfulQA questions:
 Where an ITI edit acts is its own `placement` (see `interventions`): generation, MC scoring and CE/KL each
 declare their positions, so one attached edit is placed as ITI places it in each.
 
-A judge is any object with `score(questions, answers) -> array of P(yes)` and `info() -> dict` describing it
-(`locaudit.evaluation.judges` has the real ones). Judges read the answers only; they never see the edit.
+A judge is any `locaudit.evaluation.judges.Judge`: `score(questions, answers) -> array of P(yes)` and `info() -> dict`
+describing it (that package has the real ones). Judges read the answers only; they never see the edit.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -28,17 +28,12 @@ from locaudit.data.formats import PromptFormat
 from locaudit.data.truthfulqa import Question
 from locaudit.errors import LocauditError
 from locaudit.evaluation.generation import MAX_NEW_TOKENS, generate_answers, save_answers
+from locaudit.evaluation.judges import Judge
 from locaudit.evaluation.lm_metrics import TextMetrics
 from locaudit.evaluation.mc import mc_scores
 from locaudit.models import LoadedModel
 
 THRESHOLD = 0.5  # ITI / TruthfulQA: an answer counts as true (informative) when P(yes) >= 0.5
-
-
-class Judge(Protocol):
-    def score(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray: ...
-
-    def info(self) -> dict: ...
 
 
 def edit_label(edit) -> str:
