@@ -126,7 +126,7 @@ def cached_activations(lm: LoadedModel, texts: Sequence[str], batch_size: int = 
                        cache: Path | None = None) -> np.ndarray:
     """`capture_last_token` with a disk cache keyed by (model, dtype, texts); a corrupt entry is recomputed."""
     dtype = str(next(lm.model.parameters()).dtype)
-    key = stable_hash({"model": lm.name, "dtype": dtype, "texts": list(texts), "v": 2})
+    key = stable_hash({"model": lm.name, "weights": lm.fingerprint, "dtype": dtype, "texts": list(texts), "v": 2})
     path = (cache or cache_dir() / "activations") / f"{key}.npy"
     if path.is_file():
         try:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from locaudit.errors import LocauditError
-from locaudit.storage import cache_dir, file_sha256
+from locaudit.storage import cache_dir, file_sha256, stable_hash
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -167,6 +167,19 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the weights (a few values of every tensor), computed once: cache keys use it beside
+        `name`, so two models given the same name (in-memory models, a re-saved checkpoint) never share caches."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            with torch.no_grad():
+                vals = [float(t.detach().reshape(-1)[:: max(1, t.numel() // 64)][:64].double().sum())
+                        for t in self.model.state_dict().values() if t.is_floating_point() and t.numel()]
+            fp = stable_hash([round(v, 6) for v in vals])
+            self.__dict__["_fingerprint"] = fp
+        return fp
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -155,7 +155,7 @@ def reference_logprobs(lm: LoadedModel, enc: EncodedPairs, batch_size: int = 16,
     """pi0's summed answer log-probs and lengths for chosen and rejected answers; cached on disk by
     (model, dtype, token ids) and validated on read, so each dataset is scored by pi0 exactly once."""
     dtype = str(next(lm.model.parameters()).dtype)
-    key = {'model': lm.name, 'dtype': dtype, 'pairs': enc.key, 'scoring': SCORING_VERSION}
+    key = {'model': lm.name, 'weights': lm.fingerprint, 'dtype': dtype, 'pairs': enc.key, 'scoring': SCORING_VERSION}
     path = cache_dir() / "pi0" / f"{stable_hash(key)}.pt"
     if path.is_file():
         try:

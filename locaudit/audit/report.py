@@ -7,6 +7,7 @@ import base64
 import csv
 import html
 import io
+import math
 from pathlib import Path
 
 from locaudit.audit.verdict import AuditResult
@@ -17,6 +18,11 @@ CSV_FIELDS = ("arm", "kind", "heads", "tau", "value", "ci_lo", "ci_hi", "gain", 
               "fit_seconds")
 
 
+def _num(x, nd: int = 6) -> str:
+    """A number for a table cell; blank when undefined (None or NaN: a fraction of a zero gain)."""
+    return "" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
 def _csv(result: AuditResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -24,7 +30,7 @@ def _csv(result: AuditResult) -> str:
     for r in result.rows:
         w.writerow([r["arm"], r["kind"], " ".join(r["heads"] or []), r["tau"], f"{r['value']:.6f}",
                     f"{r['ci'][0]:.6f}", f"{r['ci'][1]:.6f}", f"{r['gain']:.6f}",
-                    "" if r.get("frac_full") is None else f"{r['frac_full']:.6f}", r["status"] or "", r["steps"] or "",
+                    _num(r.get("frac_full")), r["status"] or "", r["steps"] or "",
                     "" if r["fit_seconds"] is None else f"{r['fit_seconds']:.1f}"])
     return buf.getvalue()
 
@@ -33,7 +39,7 @@ def _table_md(result: AuditResult) -> str:
     lines = ["| arm | heads | tau | value (95% CI) | fraction of full | fit |", "|---|---|---|---|---|---|"]
     for r in result.rows:
         heads = "all layers" if r["kind"] == "full" else ("-" if r["heads"] is None else ",".join(r["heads"]))
-        ff = "" if r.get("frac_full") is None else f"{r['frac_full']:.2f}"
+        ff = _num(r.get("frac_full"), 2)
         fit = "" if r["status"] is None else f"{r['status']}, {r['steps']} steps"
         tau = "" if r["tau"] is None else f"{r['tau']:g}"
         lines.append(f"| {r['arm']} | {heads} | {tau} | {r['value']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | {ff} | {fit} |")
@@ -55,7 +61,7 @@ def _html(result: AuditResult, fig: Path) -> str:
     for r in result.rows:
         cells = [r["arm"], "all layers" if r["kind"] == "full" else ",".join(r["heads"] or []) or "-",
                  "" if r["tau"] is None else f"{r['tau']:g}", f"{r['value']:.3f}",
-                 f"{r['ci'][0]:.3f}-{r['ci'][1]:.3f}", "" if r.get("frac_full") is None else f"{r['frac_full']:.2f}",
+                 f"{r['ci'][0]:.3f}-{r['ci'][1]:.3f}", _num(r.get("frac_full"), 2),
                  "" if r["status"] is None else f"{r['status']} ({r['steps']} steps)"]
         rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
     return ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"

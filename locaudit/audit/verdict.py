@@ -47,13 +47,24 @@ class AuditResult:
         return next(r for r in self.rows if r["arm"] == arm)
 
     def as_dict(self) -> dict:
-        return {"task": self.task, "primary": self.primary, "model": self.model, "claim": self.claim,
+        return _finite({"task": self.task, "primary": self.primary, "model": self.model, "claim": self.claim,
                 "n_test_items": self.n_test, "n_val_items": self.n_val, "arms": self.rows,
                 "null": self.null.as_dict(), "null_including_stuck": self.null_including_stuck.as_dict(),
                 "frac_full": {"point": self.frac_full[0], "lo": self.frac_full[1], "hi": self.frac_full[2],
                               "level": LEVEL},
                 "random_frac_full": self.random_frac_full, "strength": self.strength, "verdict": self.verdict,
-                "wall_seconds": self.wall_seconds, "config": self.config}
+                "wall_seconds": self.wall_seconds, "config": self.config})
+
+
+def _finite(obj):
+    """JSON has no NaN: undefined numbers (a ratio to a zero gain, a null with no sets) become null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _select(task, rows: list[dict]) -> dict:

@@ -7,6 +7,7 @@ JSONL file. Each kind is one entry of `TASKS`; a new behaviour is one new class 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -27,8 +28,10 @@ TASKS: dict[str, Callable[[str | None], Task]] = {
 _HELP = (f"use truthfulqa, caa:<behaviour> ({', '.join(CAA_BEHAVIOURS)}) or the path of a preference .jsonl file")
 
 
-def load_task(spec: str | Task) -> Task:
-    """A task from its spec (module docstring); a Task object is returned as is."""
+def load_task(spec: str | os.PathLike | Task) -> Task:
+    """A task from its spec (module docstring) or the path of a preference file; a Task is returned as is."""
+    if isinstance(spec, os.PathLike):
+        return TASKS["jsonl"](os.fspath(spec))
     if not isinstance(spec, str):
         return spec
     text = spec.strip()
