@@ -16,7 +16,7 @@ import numpy as np
 from locaudit.errors import LocauditError
 
 _NAME = re.compile(r"L([0-9]+)H([0-9]+)")  # ASCII digits only: "L٣H1" is not a head name
-_MAX_DIGITS = 9
+MAX_DIGITS = 9
 EXAMPLE = "write heads as L<layer>H<head>, 0-based, comma-separated, e.g. L3H1,L7H4"
 
 
@@ -90,9 +90,27 @@ def parse_head(name: str) -> Head:
     m = _NAME.fullmatch(name.strip())
     if not m:
         raise LocauditError(f"malformed head name {show(name)}; {EXAMPLE}")
-    if max(len(m.group(1)), len(m.group(2))) > _MAX_DIGITS:
+    if max(len(m.group(1)), len(m.group(2))) > MAX_DIGITS:
         raise LocauditError(f"head name {show(name)} has an impossibly large index; {EXAMPLE}")
     return Head(int(m.group(1)), int(m.group(2)))
+
+
+def split_names(spec: str | Iterable[str], noun: str, grammar: str) -> list[str]:
+    """The names of a comma-separated list (or an iterable of names) of units, each non-empty; `noun` ("head",
+    "neuron", ...) and `grammar` (how to write them) word the one-line errors."""
+    if isinstance(spec, str):
+        names = spec.split(",")
+    else:
+        try:
+            names = list(spec)
+        except TypeError:
+            raise LocauditError(f"{noun} list {show(spec)} is not a list of names; {grammar}") from None
+    if not names or all(isinstance(n, str) and not n.strip() for n in names):
+        raise LocauditError(f"empty {noun} list; {grammar}")
+    for n in names:
+        if isinstance(n, str) and not n.strip():
+            raise LocauditError(f"empty {noun} name in {show(spec)} (a stray comma?); {grammar}")
+    return names
 
 
 def parse_heads(spec: str | Iterable[str], n_layers: int | None = None, n_heads: int | None = None,
@@ -101,19 +119,7 @@ def parse_heads(spec: str | Iterable[str], n_layers: int | None = None, n_heads:
 
     Anything that is not such a list (malformed or empty names, duplicates, out-of-range heads) raises
     LocauditError with a one-line message."""
-    if isinstance(spec, str):
-        names = spec.split(",")
-    else:
-        try:
-            names = list(spec)
-        except TypeError:
-            raise LocauditError(f"head list {show(spec)} is not a list of names; {EXAMPLE}") from None
-    if not names or all(isinstance(n, str) and not n.strip() for n in names):
-        raise LocauditError(f"empty head list; {EXAMPLE}")
-    for n in names:
-        if isinstance(n, str) and not n.strip():
-            raise LocauditError(f"empty head name in {show(spec)} (a stray comma?); {EXAMPLE}")
-    heads = [parse_head(n) for n in names]
+    heads = [parse_head(n) for n in split_names(spec, "head", EXAMPLE)]
     seen: set[Head] = set()
     for h in heads:
         if h in seen:
@@ -125,20 +131,20 @@ def parse_heads(spec: str | Iterable[str], n_layers: int | None = None, n_heads:
     return hs
 
 
-def _positive(k: int, what: str) -> None:
+def check_positive(k: int, what: str) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise LocauditError(f"{what} must be a positive integer, got {k!r}")
 
 
-def _seed(seed: int) -> None:
+def check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise LocauditError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def random_heads(k: int, seed: int, n_layers: int, n_heads: int) -> HeadSet:
     """k heads drawn uniformly without replacement from all L*H heads; the same (k, seed) gives the same set."""
-    _positive(k, "random head-set size")
-    _seed(seed)
+    check_positive(k, "random head-set size")
+    check_seed(seed)
     if k > n_layers * n_heads:
         raise LocauditError(f"cannot draw {k} heads from a model with only {n_layers * n_heads}; use a size of at most {n_layers * n_heads}")
     idx = np.random.default_rng(seed).choice(n_layers * n_heads, size=k, replace=False)
@@ -148,7 +154,7 @@ def random_heads(k: int, seed: int, n_layers: int, n_heads: int) -> HeadSet:
 def random_heads_like(claim: HeadSet, seed: int, n_layers: int, n_heads: int) -> HeadSet:
     """A random set matched to `claim`'s layer distribution: as many heads in each layer as the claim has there,
     drawn uniformly without replacement within the layer (`random_heads` draws from every layer)."""
-    _seed(seed)
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     heads = []
     for layer, hs in claim.by_layer().items():
@@ -159,7 +165,7 @@ def random_heads_like(claim: HeadSet, seed: int, n_layers: int, n_heads: int) ->
 
 def top_k_heads(ranking: Sequence[Head], k: int) -> HeadSet:
     """The first k heads of a best-first ranking (e.g. by probe accuracy)."""
-    _positive(k, "top-k")
+    check_positive(k, "top-k")
     if k > len(ranking):
         raise LocauditError(f"top-k {k} exceeds the {len(ranking)} ranked heads")
     return HeadSet(tuple(ranking[:k]), f"top{k}")

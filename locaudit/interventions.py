@@ -1,9 +1,11 @@
-"""Interventions on the attention output projections W^l, all behind one protocol.
+"""Interventions on a model's units (attention heads, MLP neurons, whole layers), all behind one protocol.
 
-Every intervention edits layer l's attention output r^{l+1} = r^l + W^l o^l and can
+Most interventions edit layer l's attention output r^{l+1} = r^l + W^l o^l; `NeuronRank1` edits its MLP output
+W_down^l m^l and `ResidualRank1` the residual stream after block l. Every intervention can
 - `attach(lm)`: a context manager that installs hooks and removes them on exit (generation, MC scoring,
   KL and training all use a model with an intervention attached and never ask which kind it is);
-- `merge(lm)`: fold the edit into the weights exactly (then `save_pretrained` works);
+- `merge(lm)`: fold the edit into the weights exactly (then `save_pretrained` works; activation edits that no
+  weight can hold raise instead);
 - `save(dir)` / `load_intervention(dir)`: `edit.safetensors` + `edit.json`; `load_intervention` also reads a PEFT
   rank-1 LoRA adapter directory on the W^l (`import_peft`; `locaudit.export.export_peft` writes them).
 
@@ -18,8 +20,12 @@ Kinds:
   with b^l zero outside the heads of S in layer l. b^l is stored only on S's slices, so entries outside S are
   structurally zero. Equivalent to o^l <- o^l + <a^l, o^l> b^l; merged: W^l <- W^l + W^l b^l a^l^T.
 - `FullRank1`: ordinary rank-1 LoRA on every W^l: W^l <- W^l + B^l A^l (B: d_model x 1, A: 1 x H*d).
+- `NeuronRank1`: LocalizedRank1 with MLP neurons for heads: MLP output += s <a^l, m^l> W_down^l b^l, b^l zero
+  outside the chosen neurons; merged: W_down^l <- W_down^l + s W_down^l b^l a^l^T.
+- `ResidualRank1`: r^l <- r^l + s <a^l, r^l> b^l on the residual stream after block l (not mergeable).
 Initialisation follows LoRA: the output-side factor (b, B) is zero, so the edit starts as the identity.
-Weight edits (LocalizedRank1, FullRank1, NoEdit) act at every position, as in the paper.
+Weight edits (LocalizedRank1, FullRank1, NeuronRank1, NoEdit) and ResidualRank1 act at every position, as in
+the paper. `locaudit.units` builds the optimal edit of any set of units (`UnitSet.make_edit`).
 
 Edit positions. Evaluation code does not know which edit is attached; it declares, for the forward passes it
 is about to run, which token positions a position-selective edit acts on: `with edit_positions(lm, mask):`
@@ -35,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,6 +52,7 @@ from locaudit.heads import HeadSet, parse_heads
 from locaudit.models import Arch, LoadedModel
 from locaudit.peft_adapter import is_adapter_dir, read_adapter
 from locaudit.storage import atomic_write, atomic_write_json, read_json
+from locaudit.unitsets import LayerSet, NeuronSet, parse_layers, parse_neurons
 
 
 _POSITIONS = "_locaudit_edit_positions"  # attribute of lm.model holding the declared positions
@@ -218,32 +225,40 @@ def _lora_a_init(n: int, generator: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=generator) * 2 - 1) * bound
 
 
-class LocalizedRank1(Intervention):
-    """delta r^{l+1} = <a^l, o^l> W^l b^l with b^l supported on the heads of S (the paper's optimal edit)."""
+class _SupportedRank1(Intervention):
+    """delta = s <a^l, x^l> P^l b^l at a projection P^l whose input x^l is `n_blocks` blocks of `block` entries, with
+    b^l non-zero only on the chosen blocks `support[l]` of layer l. b^l is stored only on those blocks, so entries
+    outside are structurally zero (and get no gradient). Equivalent to x^l <- x^l + s <a^l, x^l> b^l; merged:
+    P^l <- P^l + s P^l b^l a^l^T. LocalizedRank1 (P = W, blocks = heads of size d) and NeuronRank1 (P = W_down,
+    blocks = single neurons) are this edit at two projections."""
 
-    kind = "localized"
+    noun = "unit"
 
-    def __init__(self, heads: HeadSet, arch: Arch, seed: int = 0, scale: float = 1.0):
-        """`scale` multiplies the edit, as PEFT's lora_alpha / r does (see `FitConfig.lora_scale`)."""
+    def __init__(self, support: dict[int, list[int]], n_blocks: int, block: int, seed: int, scale: float):
         super().__init__()
-        heads.validate(arch.n_layers, arch.n_heads)
         self.scale = float(scale)
-        self.heads = heads
-        self.n_heads, self.head_dim = arch.n_heads, arch.head_dim
-        self.layers = list(heads.by_layer())
-        self.head_idx = {l: hs for l, hs in heads.by_layer().items()}
+        self.n_blocks, self.block = n_blocks, block
+        self.layers = list(support)
+        self.support = support
         g = torch.Generator().manual_seed(seed)
-        width = arch.n_heads * arch.head_dim
+        width = n_blocks * block
         self.a = nn.ParameterDict({str(l): nn.Parameter(_lora_a_init(width, g)) for l in self.layers})
-        # b^l lives only on S's slices: shape (heads of S in layer l, d); everything else is not a parameter.
-        self.b_s = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(len(hs), arch.head_dim))
-                                     for l, hs in self.head_idx.items()})
+        self.b_s = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(len(ix), block)) for l, ix in support.items()})
+
+    def _proj(self, arch: Arch, layer: int) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _weight(self, arch: Arch, layer: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _add_to_weight(self, arch: Arch, layer: int, delta: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def b(self, layer: int) -> torch.Tensor:
-        """The full (H*d,) vector b^l: S's slices from the parameter, exact zeros elsewhere."""
+        """The full vector b^l: the chosen blocks from the parameter, exact zeros elsewhere."""
         bs = self.b_s[str(layer)]
-        full = bs.new_zeros(self.n_heads, self.head_dim)
-        full = full.index_copy(0, torch.tensor(self.head_idx[layer], device=bs.device), bs)
+        full = bs.new_zeros(self.n_blocks, self.block)
+        full = full.index_copy(0, torch.tensor(self.support[layer], device=bs.device), bs)
         return full.reshape(-1)
 
     def _hooks(self, lm: LoadedModel) -> list:
@@ -255,23 +270,20 @@ class LocalizedRank1(Intervention):
                 a = self.a[str(l)].to(o.dtype)
                 b = self.b(l).to(o.dtype)
                 return (o + self.scale * (o @ a).unsqueeze(-1) * b,) + tuple(args[1:])
-            handles.append(arch.out_proj(l).register_forward_pre_hook(hook))
+            handles.append(self._proj(arch, l).register_forward_pre_hook(hook))
         return handles
 
     def merge(self, lm: LoadedModel) -> None:
-        """W^l <- W^l + scale W^l b^l a^l^T, exactly the hooked edit."""
+        """P^l <- P^l + scale P^l b^l a^l^T, exactly the hooked edit."""
         arch = lm.arch
         for l in self.layers:
-            W = arch.W(l).float()
+            W = self._weight(arch, l).float()
             a, b = self.a[str(l)].detach().float().to(W.device), self.b(l).detach().float().to(W.device)
-            arch.add_to_W(l, self.scale * torch.outer(W @ b, a))
+            self._add_to_weight(arch, l, self.scale * torch.outer(W @ b, a))
 
     def is_identity(self) -> bool:
-        """b = 0 (as at initialisation) makes <a, o> W b vanish."""
+        """b = 0 (as at initialisation) makes <a, x> P b vanish."""
         return all(not bool(p.detach().any()) for p in self.b_s.values())
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "heads": self.heads.names, "label": self.heads.label, "scale": self.scale}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -281,14 +293,142 @@ class LocalizedRank1(Intervention):
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        width = self.n_blocks * self.block
         with torch.no_grad():
             for l in self.layers:
-                self.a[str(l)].copy_(tensors[f"a.{l}"])
-                b = tensors[f"b.{l}"].view(self.n_heads, self.head_dim)
-                outside = [h for h in range(self.n_heads) if h not in self.head_idx[l]]
+                a = tensors[f"a.{l}"]
+                if tuple(a.shape) != (width,):
+                    raise ValueError(f"a.{l} has shape {tuple(a.shape)}, expected ({width},)")
+                self.a[str(l)].copy_(a)
+                b = tensors[f"b.{l}"].view(self.n_blocks, self.block)
+                outside = [i for i in range(self.n_blocks) if i not in self.support[l]]
                 if outside and b[outside].abs().max() > 0:
-                    raise LocauditError(f"edit file has non-zero b.{l} outside the heads of S; it is corrupt")
-                self.b_s[str(l)].copy_(b[self.head_idx[l]])
+                    raise LocauditError(f"edit file has non-zero b.{l} outside the {self.noun}s of S; it is corrupt")
+                self.b_s[str(l)].copy_(b[self.support[l]])
+
+
+class LocalizedRank1(_SupportedRank1):
+    """delta r^{l+1} = <a^l, o^l> W^l b^l with b^l supported on the heads of S (the paper's optimal edit)."""
+
+    kind = "localized"
+    noun = "head"
+
+    def __init__(self, heads: HeadSet, arch: Arch, seed: int = 0, scale: float = 1.0):
+        """`scale` multiplies the edit, as PEFT's lora_alpha / r does (see `FitConfig.lora_scale`)."""
+        heads.validate(arch.n_layers, arch.n_heads)
+        # b^l lives only on S's slices: shape (heads of S in layer l, d); everything else is not a parameter.
+        super().__init__(heads.by_layer(), arch.n_heads, arch.head_dim, seed, scale)
+        self.heads = heads
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_blocks
+
+    @property
+    def head_dim(self) -> int:
+        return self.block
+
+    @property
+    def head_idx(self) -> dict[int, list[int]]:
+        return self.support
+
+    def _proj(self, arch: Arch, layer: int) -> nn.Module:
+        return arch.out_proj(layer)
+
+    def _weight(self, arch: Arch, layer: int) -> torch.Tensor:
+        return arch.W(layer)
+
+    def _add_to_weight(self, arch: Arch, layer: int, delta: torch.Tensor) -> None:
+        arch.add_to_W(layer, delta)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "heads": self.heads.names, "label": self.heads.label, "scale": self.scale}
+
+
+class NeuronRank1(_SupportedRank1):
+    """delta (MLP output of layer l) = s <a^l, m^l> W_down^l b^l, with m^l the MLP hidden activation (the input of
+    W_down^l), a^l over all of m^l and b^l non-zero only on the chosen neurons of layer l: the optimal edit at a
+    set of MLP neurons, the analogue of LocalizedRank1 with neurons for heads. Merged: W_down^l += s (W_down^l b^l) a^l^T."""
+
+    kind = "neurons"
+    noun = "neuron"
+
+    def __init__(self, neurons: NeuronSet, arch: Arch, seed: int = 0, scale: float = 1.0):
+        neurons.validate(arch.n_layers, arch.n_neurons)
+        super().__init__(neurons.by_layer(), arch.n_neurons, 1, seed, scale)
+        self.neurons = neurons
+
+    def _proj(self, arch: Arch, layer: int) -> nn.Module:
+        return arch.down_proj(layer)
+
+    def _weight(self, arch: Arch, layer: int) -> torch.Tensor:
+        return arch.W_down(layer)
+
+    def _add_to_weight(self, arch: Arch, layer: int, delta: torch.Tensor) -> None:
+        arch.add_to_W_down(layer, delta)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "neurons": self.neurons.names, "label": self.neurons.label, "scale": self.scale}
+
+
+class ResidualRank1(Intervention):
+    """r^l <- r^l + s <a^l, r^l> b^l on the residual stream r^l after block l, for each chosen layer (a^l, b^l of
+    size d_model; b = 0 at initialisation, so the edit starts as the identity): the optimal edit at a whole layer.
+
+    It has no steering vector c (r <- r + c + s<a, r>b): every other optimal edit is linear in its unit's
+    activation and starts at the identity, and a bias would give layer claims a capacity that head and neuron
+    claims lack; r already carries near-constant directions through which <a, r> b can act as a shift.
+    It acts on an activation that no weight produces alone, so it cannot be merged into the weights."""
+
+    kind = "residual"
+
+    def __init__(self, layers: LayerSet, arch: Arch, seed: int = 0, scale: float = 1.0):
+        super().__init__()
+        layers.validate(arch.n_layers)
+        self.units = layers
+        self.scale = float(scale)
+        self.layers = list(layers.layers)
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.ParameterDict({str(l): nn.Parameter(_lora_a_init(arch.d_model, g)) for l in self.layers})
+        self.b = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(arch.d_model)) for l in self.layers})
+
+    def _hooks(self, lm: LoadedModel) -> list:
+        arch = lm.arch
+        handles = []
+        for l in self.layers:
+            def hook(module, args, output, l=l):
+                r = output[0] if isinstance(output, tuple) else output
+                if not isinstance(r, torch.Tensor):
+                    raise LocauditError(f"block {l} of this '{arch.model_type}' model returns {type(r).__name__}, not "
+                                        f"hidden states; residual-stream edits do not support it")
+                a, b = self.a[str(l)].to(r.dtype), self.b[str(l)].to(r.dtype)
+                r = r + self.scale * (r @ a).unsqueeze(-1) * b
+                return (r,) + tuple(output[1:]) if isinstance(output, tuple) else r
+            handles.append(arch.block(l).register_forward_hook(hook))
+        return handles
+
+    def merge(self, lm: LoadedModel) -> None:
+        raise LocauditError(f"the residual-stream edit at {self.units.spec()} is an activation edit (r <- r + s<a, r> b "
+                            f"after a block), which no weight of the model holds; evaluate it attached "
+                            f"(`with edit.attach(lm)`) instead of merging it")
+
+    def is_identity(self) -> bool:
+        return all(not bool(p.detach().any()) for p in self.b.values())
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "layers": self.units.names, "label": self.units.label, "scale": self.scale}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"a.{l}": self.a[str(l)] for l in self.layers}, **{f"b.{l}": self.b[str(l)] for l in self.layers}}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for l in self.layers:
+                for name, p in (("a", self.a[str(l)]), ("b", self.b[str(l)])):
+                    t = tensors[f"{name}.{l}"]
+                    if t.shape != p.shape:
+                        raise ValueError(f"{name}.{l} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    p.copy_(t)
 
 
 class FullRank1(Intervention):
@@ -357,6 +497,52 @@ def import_peft(path: Path, arch: Arch) -> FullRank1:
     return edit
 
 
+def _scale(meta: dict) -> float:
+    return float(meta.get("scale", 1.0))
+
+
+def _load_localized(meta: dict, tensors: dict, arch: Arch) -> Intervention:
+    heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
+    edit = LocalizedRank1(heads, arch, scale=_scale(meta))
+    edit.load_tensors(tensors)
+    return edit
+
+
+def _load_full(meta: dict, tensors: dict, arch: Arch) -> Intervention:
+    edit = FullRank1(arch, layers=meta.get("layers"), scale=_scale(meta))
+    edit.load_tensors(tensors)
+    return edit
+
+
+def _load_iti(meta: dict, tensors: dict, arch: Arch) -> Intervention:
+    heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
+    u, sigma = tensors["u"], tensors["sigma"]
+    if tuple(u.shape) != (len(heads), arch.head_dim) or tuple(sigma.shape) != (len(heads),):
+        raise ValueError(f"u/sigma shapes {tuple(u.shape)}/{tuple(sigma.shape)} do not fit {len(heads)} heads of size {arch.head_dim}")
+    # edits saved before placements existed shifted every position
+    return ITI(heads, u, sigma, float(meta["alpha"]), placement=meta.get("placement", "all"))
+
+
+def _load_neurons(meta: dict, tensors: dict, arch: Arch) -> Intervention:
+    neurons = parse_neurons(meta["neurons"], arch.n_layers, arch.n_neurons, meta.get("label", "custom"))
+    edit = NeuronRank1(neurons, arch, scale=_scale(meta))
+    edit.load_tensors(tensors)
+    return edit
+
+
+def _load_residual(meta: dict, tensors: dict, arch: Arch) -> Intervention:
+    edit = ResidualRank1(parse_layers(meta["layers"], arch.n_layers, meta.get("label", "custom")), arch, scale=_scale(meta))
+    edit.load_tensors(tensors)
+    return edit
+
+
+# edit.json "kind" -> how to rebuild that edit from its edit.json and edit.safetensors
+_LOADERS: dict[str, Callable[[dict, dict, Arch], Intervention]] = {
+    "localized": _load_localized, "full": _load_full, "iti": _load_iti, "none": lambda meta, tensors, arch: NoEdit(),
+    "neurons": _load_neurons, "residual": _load_residual,
+}
+
+
 def load_intervention(path: Path, arch: Arch) -> Intervention:
     """Load an edit saved by `Intervention.save` (a directory with edit.json and edit.safetensors), or a PEFT
     rank-1 LoRA adapter directory on the W^l (adapter_config.json; see `import_peft`)."""
@@ -375,25 +561,10 @@ def load_intervention(path: Path, arch: Arch) -> Intervention:
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise LocauditError(f"{tensor_path} is unreadable ({' '.join(str(e).split())[:160]}); refit the edit") from None
     kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in _LOADERS:
+        raise LocauditError(f"{meta_path} has unknown edit kind {kind!r}; expected {', '.join(_LOADERS)}")
     try:
-        if kind == "localized":
-            edit = LocalizedRank1(parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom")), arch,
-                                  scale=float(meta.get("scale", 1.0)))
-            edit.load_tensors(tensors)
-        elif kind == "full":
-            edit = FullRank1(arch, layers=meta.get("layers"), scale=float(meta.get("scale", 1.0)))
-            edit.load_tensors(tensors)
-        elif kind == "iti":
-            heads = parse_heads(meta["heads"], arch.n_layers, arch.n_heads, meta.get("label", "custom"))
-            u, sigma = tensors["u"], tensors["sigma"]
-            if tuple(u.shape) != (len(heads), arch.head_dim) or tuple(sigma.shape) != (len(heads),):
-                raise ValueError(f"u/sigma shapes {tuple(u.shape)}/{tuple(sigma.shape)} do not fit {len(heads)} heads of size {arch.head_dim}")
-            # edits saved before placements existed shifted every position
-            edit = ITI(heads, u, sigma, float(meta["alpha"]), placement=meta.get("placement", "all"))
-        elif kind == "none":
-            edit = NoEdit()
-        else:
-            raise LocauditError(f"{meta_path} has unknown edit kind {kind!r}; expected localized, full, iti or none")
+        edit = _LOADERS[kind](meta, tensors, arch)
     except KeyError as e:
         raise LocauditError(f"edit in {path} lacks {e}; it is incomplete or from another version, refit it") from None
     except (RuntimeError, ValueError, TypeError) as e:  # shapes from another model, wrong types

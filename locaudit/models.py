@@ -4,9 +4,11 @@
 directory or a `.gguf` file. GGUF checkpoints are dequantised to float32 once and cached as safetensors,
 so later loads take seconds.
 
-`Arch` hides where each family keeps its attention output projection W^l (the module whose input is the
-concatenation o^l of the H head outputs, each of size d). Everything downstream is architecture-agnostic:
-it asks `Arch` for L, H, d, the module `out_proj(l)` and the weight `W(l)` as a (d_model, H*d) matrix.
+`Arch` hides where each family keeps its blocks, each block's attention output projection W^l (the module
+whose input is the concatenation o^l of the H head outputs, each of size d) and its MLP output projection
+W_down^l (the module whose input is the MLP hidden activation m^l of n_neurons neurons). Everything downstream
+is architecture-agnostic: it asks `Arch` for L, H, d, n_neurons, the modules `block(l)`, `out_proj(l)`,
+`down_proj(l)` and the weights `W(l)` as a (d_model, H*d) matrix and `W_down(l)` as a (d_model, n_neurons) one.
 """
 
 from __future__ import annotations
@@ -37,26 +39,28 @@ _CACHE_FORMAT = 1  # bump to invalidate cached dequantised models
 
 @dataclass(frozen=True)
 class Family:
-    """Where one model family keeps its blocks and each block's attention output projection."""
+    """Where one model family keeps its blocks and each block's attention and MLP output projections."""
 
     name: str
     model_types: tuple[str, ...]
     layers: tuple[str, ...]  # candidate dotted paths, from the CausalLM, to the list of blocks
     out_proj: str  # dotted path, from a block, to W^l
-    conv1d: bool = False  # GPT-2's Conv1D stores W transposed: (in, out)
+    down_proj: str  # dotted path, from a block, to W_down^l
+    conv1d: bool = False  # GPT-2's Conv1D stores W and W_down transposed: (in, out)
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama", "mistral", "smollm3"), ("model.layers",), "self_attn.o_proj"),
-    Family("qwen", ("qwen2", "qwen3"), ("model.layers",), "self_attn.o_proj"),
+    Family("llama", ("llama", "mistral", "smollm3"), ("model.layers",), "self_attn.o_proj", "mlp.down_proj"),
+    Family("qwen", ("qwen2", "qwen3"), ("model.layers",), "self_attn.o_proj", "mlp.down_proj"),
     Family(
         "gemma",
         ("gemma", "gemma2", "gemma3", "gemma3_text"),
         ("model.layers", "model.language_model.layers", "language_model.model.layers"),
         "self_attn.o_proj",
+        "mlp.down_proj",
     ),
-    Family("gpt2", ("gpt2",), ("transformer.h",), "attn.c_proj", conv1d=True),
-    Family("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), "attention.dense"),
+    Family("gpt2", ("gpt2",), ("transformer.h",), "attn.c_proj", "mlp.c_proj", conv1d=True),
+    Family("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), "attention.dense", "mlp.dense_4h_to_h"),
 )
 
 
@@ -78,10 +82,12 @@ def _text_config(config):
 
 @dataclass(frozen=True, eq=False)
 class Arch:
-    """L layers of H heads of size d, and each layer's attention output projection W^l.
+    """L blocks, each with H heads of size d, an attention output projection W^l and an MLP output projection
+    W_down^l over n_neurons neurons.
 
-    W(l) is always returned as a (d_model, H*d) matrix so that attention output = W(l) @ o^l, whatever the
-    family's storage convention.
+    W(l) is always returned as a (d_model, H*d) matrix so that attention output = W(l) @ o^l, and W_down(l) as a
+    (d_model, n_neurons) matrix so that MLP output = W_down(l) @ m^l, whatever the family's storage convention.
+    `block(l)` is the decoder layer whose output is the residual stream after block l.
     """
 
     family: Family
@@ -91,6 +97,9 @@ class Arch:
     head_dim: int
     d_model: int
     out_projs: tuple[nn.Module, ...]
+    blocks: tuple[nn.Module, ...]
+    down_projs: tuple[nn.Module, ...]
+    n_neurons: int
 
     @property
     def n_total_heads(self) -> int:
@@ -111,6 +120,26 @@ class Arch:
         w = self.out_projs[layer].weight
         with torch.no_grad():
             w.add_((delta.t() if self.family.conv1d else delta).to(w.dtype))
+
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.down_projs[layer]
+
+    def W_down(self, layer: int) -> torch.Tensor:
+        w = self.down_projs[layer].weight
+        return w.t() if self.family.conv1d else w
+
+    def add_to_W_down(self, layer: int, delta: torch.Tensor) -> None:
+        """W_down^l += delta (delta in the (d_model, n_neurons) convention)."""
+        w = self.down_projs[layer].weight
+        with torch.no_grad():
+            w.add_((delta.t() if self.family.conv1d else delta).to(w.dtype))
+
+    def has_hooks(self) -> bool:
+        """Whether anything is hooked where edits act (W^l, W_down^l or a block): an edit is attached."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.out_projs + self.down_projs + self.blocks)
 
     def add_to_bias(self, layer: int, delta: torch.Tensor) -> None:
         """Bias of W^l += delta (size d_model), creating a zero bias for bias-free projections."""
@@ -152,7 +181,21 @@ def arch_for(model: nn.Module) -> Arch:
             f"'{model_type}': attention output projection takes {in_features} inputs, expected H*d = "
             f"{n_heads}*{head_dim}; this checkpoint's layout is not supported"
         )
-    return Arch(family, model_type, len(out_projs), int(n_heads), int(head_dim), int(d_model), out_projs)
+    try:
+        down_projs = tuple(_get(block, family.down_proj) for block in layers)
+    except AttributeError:
+        raise LocauditError(f"cannot find the MLP output projection '{family.down_proj}' in the blocks of this "
+                            f"'{model_type}' model (a mixture-of-experts MLP?); this checkpoint is not supported") from None
+    shapes = {tuple(p.weight.shape) for p in down_projs}
+    if len(shapes) != 1:
+        raise LocauditError(f"'{model_type}': the MLP output projections differ in shape across layers {sorted(shapes)}; "
+                            f"this checkpoint's layout is not supported")
+    n_neurons, out_features = shapes.pop()[::1 if family.conv1d else -1]
+    if out_features != d_model:
+        raise LocauditError(f"'{model_type}': the MLP output projection writes {out_features} outputs, expected "
+                            f"d_model = {d_model}; this checkpoint's layout is not supported")
+    return Arch(family, model_type, len(out_projs), int(n_heads), int(head_dim), int(d_model), out_projs,
+                tuple(layers), down_projs, int(n_neurons))
 
 
 @dataclass(eq=False)

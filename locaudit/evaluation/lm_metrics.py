@@ -213,10 +213,6 @@ def load_documents(source: str | Path = "wiki", n_docs: int = N_DOCS, seed: int 
 
 # ----------------------------------------------------------------------------------------------- metrics
 
-def _has_hooks(lm: LoadedModel) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in lm.arch.out_projs)
-
-
 @dataclass(eq=False)
 class TextMetrics:
     """CE and KL of any edit on fixed documents; the unedited model's pass is done once, at construction.
@@ -235,7 +231,7 @@ class TextMetrics:
     def __post_init__(self):
         if self.max_tokens < 2:
             raise LocauditError(f"CE/KL need at least 2 tokens per document, got max_tokens={self.max_tokens}")
-        if _has_hooks(self.lm):
+        if self.lm.arch.has_hooks():
             raise LocauditError("TextMetrics must be built from the unedited model: build it outside `with edit.attach(lm)`")
         tok = self.lm.tokenizer
         ids = [tok(d, add_special_tokens=True)["input_ids"][: self.max_tokens] for d in self.documents]
@@ -283,7 +279,7 @@ class TextMetrics:
         "n_docs", "n_tokens", "seconds"} for the model with `edit` attached (None: unedited)."""
         from locaudit.interventions import NoEdit, edit_positions
 
-        if _has_hooks(self.lm):
+        if self.lm.arch.has_hooks():
             raise LocauditError("an edit is already attached; pass it to TextMetrics.evaluate instead of attaching it")
         edit = edit if edit is not None else NoEdit()
         t0 = time.time()
