@@ -216,15 +216,16 @@ def cmd_audit(args) -> None:
     from datetime import datetime
 
     from locaudit.audit import AuditConfig, audit
-    from locaudit.heads import parse_heads
+    from locaudit.units import parse_units
     from locaudit.models import load_model
     from locaudit.study import load_preset, with_overrides
     from locaudit.tasks import TruthfulQATask, load_task
 
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, seed=args.seed)
-    if not args.heads.strip().lower().startswith("probe:"):
-        parse_heads(args.heads)  # head-name syntax fails now, before the model is loaded
+    claim = args.heads if args.heads is not None else args.units
+    if not claim.strip().lower().startswith("probe:"):
+        parse_units(claim)  # unit-name syntax fails now, before the model is loaded
     if args.task == "truthfulqa":
         task = TruthfulQATask(data_dir=preset.data.data_dir, fmt=preset.eval.fmt, judge=preset.eval.judge,
                               max_new_tokens=preset.eval.max_new_tokens)
@@ -235,7 +236,7 @@ def cmd_audit(args) -> None:
     task.split(cfg.seed, cfg.limit_items)  # bad or too little data fails now, before the model is loaded
     out = args.out or Path("runs") / ("audit-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
     lm = load_model(preset.model.model, device=preset.model.device, dtype=preset.model.dtype)
-    result = audit(args.heads, task, out, cfg, lm=lm)
+    result = audit(claim, task, out, cfg, lm=lm)
     print(f"{result.verdict}\nreport: {Path(out) / 'report.html'}")
 
 
@@ -353,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="audit a localization claim: the optimal edit at the claimed heads vs random "
                                      "head sets of the same size and full alignment, on any task")
-    p.add_argument("--heads", required=True, help="the claim, e.g. L12H3,L14H1, or probe:K for the top K heads of "
-                                                  "probes trained on the task (ITI's heuristic)")
+    claim = p.add_mutually_exclusive_group(required=True)
+    claim.add_argument("--heads", help="a claim about attention heads, e.g. L12H3,L14H1 (L12A: every head of layer 12), "
+                                       "or probe:K for the top K heads of probes trained on the task (ITI's heuristic)")
+    claim.add_argument("--units", help="a claim about any units: heads L12H3,L14H1, MLP neurons L3N100,L3N7, or layers "
+                                       "L12 (the residual stream after block 12); one kind per claim")
     p.add_argument("--task", required=True, help="truthfulqa, caa:<behaviour> (sycophancy, refusal, survival-instinct, "
                                                  "corrigibility, myopic-reward, hallucination, coordinate-other-ais), "
                                                  "or a preference .jsonl file (TRL format)")
@@ -365,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, default=None)
     p.add_argument("--random", type=_nonneg_int, default=None, help="random sets (default: the preset's n_random_sets)")
     p.add_argument("--match-layers", action="store_true",
-                   help="draw each random set with the claim's number of heads in each of its layers")
+                   help="draw each random set with the claim's number of units in each of its layers")
     p.add_argument("--limit-items", type=_positive_int, default=None,
                    help="a stratified random subset of the task's items (default: the preset's limit_questions)")
     p.add_argument("--seed", type=_nonneg_int, default=None)

@@ -101,11 +101,12 @@ def run_steer(mcfg: ModelConfig, dcfg: DataConfig, heads: HeadSet | None, alpha:
 def make_edit(lm: LoadedModel, heads: HeadSet | None, seed: int = 0, scale: float = 1.0):
     """LocalizedRank1 at `heads`, or FullRank1 (ordinary rank-1 LoRA on every W^l) when heads is None; `scale`
     is the LoRA scale (PEFT's lora_alpha / r, `FitConfig.lora_scale`)."""
-    from locaudit.interventions import FullRank1, LocalizedRank1
+    from locaudit.interventions import FullRank1
+    from locaudit.units import as_units
 
     if heads is None:
         return FullRank1(lm.arch, seed=seed, scale=scale)
-    return LocalizedRank1(heads, lm.arch, seed=seed, scale=scale)
+    return as_units(heads).make_edit(lm.arch, seed=seed, scale=scale)
 
 
 def fit_optimal_edit(lm: LoadedModel, heads: HeadSet | None, train_pairs, val_pairs, cfg, seed: int = 0,
@@ -114,7 +115,9 @@ def fit_optimal_edit(lm: LoadedModel, heads: HeadSet | None, train_pairs, val_pa
     (`training.fit_to_optimum`); a set of every head takes the all-heads learning rate, like full alignment."""
     from locaudit.training import fit_to_optimum
 
-    n_heads = None if heads is None or len(heads) == lm.arch.n_total_heads else len(heads)
+    from locaudit.units import as_units
+
+    n_heads = None if heads is None else as_units(heads).lr_size(lm.arch)
     return fit_to_optimum(lm, lambda: make_edit(lm, heads, seed=seed, scale=cfg.lora_scale), train_pairs, val_pairs,
                           cfg, n_heads=n_heads, progress=progress)
 

@@ -19,7 +19,7 @@ import torch
 from conftest import FAMILIES, byte_tokenizer, make_tiny
 from locaudit.audit import AuditConfig, audit, plan
 from locaudit.errors import LocauditError
-from locaudit.heads import parse_heads
+from locaudit.units import parse_units
 from locaudit.models import wrap_model
 from locaudit.stats import null_test
 from locaudit.training import FitConfig
@@ -35,22 +35,26 @@ def write_pairs(path, n=40, seed=0):
     return path
 
 
-def test_plan_draws_distinct_sets_of_the_claims_size():
-    claim = parse_heads("L0H1,L2H3")
-    arms = plan(claim, 3, 4, AuditConfig(n_random=5))
-    assert [a.kind for a in arms] == ["none", "claim"] + ["random"] * 5 + ["full"]
-    sets = [tuple(a.heads.heads) for a in arms if a.kind == "random"]
-    assert len(set(sets)) == 5 and tuple(claim.heads) not in sets
-    assert all(len(s) == 2 for s in sets)
-    assert [a.heads for a in plan(claim, 3, 4, AuditConfig(n_random=5))] == [a.heads for a in arms]  # seeded
-    matched = plan(claim, 3, 4, AuditConfig(n_random=5, match_layers=True))
-    for a in matched[2:-1]:
-        assert sorted(a.heads.by_layer()) == [0, 2] and all(len(v) == 1 for v in a.heads.by_layer().values())
+@pytest.mark.parametrize("spec,n", [("L0H1,L2H3", 3), ("L0N5,L2N60", 3), ("L1", 2)])
+def test_plan_draws_distinct_sets_of_the_claims_kind_and_size(spec, n):
+    arch = make_tiny("llama").arch
+    claim = parse_units(spec, arch)
+    arms = plan(claim, arch, AuditConfig(n_random=n))
+    assert [a.kind for a in arms] == ["none", "claim"] + ["random"] * n + ["full"]
+    sets = [tuple(a.units.names) for a in arms if a.kind == "random"]
+    assert len(set(sets)) == n and tuple(claim.names) not in sets
+    assert all(len(s) == len(claim) for s in sets) and all(a.units.kind == claim.kind for a in arms[2:-1])
+    assert [a.units for a in plan(claim, arch, AuditConfig(n_random=n))] == [a.units for a in arms]  # seeded
+    if claim.kind != "layers":
+        matched = plan(claim, arch, AuditConfig(n_random=3, match_layers=True))
+        for a in matched[2:-1]:
+            assert sorted(a.units.by_layer()) == [0, 2] and all(len(v) == 1 for v in a.units.by_layer().values())
 
 
 def test_plan_refuses_more_random_sets_than_exist():
+    arch = make_tiny("llama").arch
     with pytest.raises(LocauditError, match="cannot draw 3 distinct random sets"):
-        plan(parse_heads("L0H0"), 1, 3, AuditConfig(n_random=3))
+        plan(parse_units("L0,L1", arch), arch, AuditConfig(n_random=3))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,11 +180,23 @@ def test_probe_claim_is_the_top_heads_of_task_probes(tmp_path):
     split = task.split(0)
     claim = resolve_claim("probe:3", lm, task, split, AuditConfig(), tmp_path / "o")
     ref = probe_task(lm, task, split, progress=False)
-    assert list(claim.heads) == list(ref.top(3).heads)
-    order = np.argsort(-ref.val_acc.reshape(-1), kind="stable")[:3]
-    assert sorted((h.layer * lm.arch.n_heads + h.head) for h in claim.heads) == sorted(order.tolist()) or \
-        min(ref.val_acc[h.layer, h.head] for h in claim.heads) >= np.sort(ref.val_acc.reshape(-1))[-3]
+    assert claim.kind == "heads" and claim.names == ref.top(3).names
+    assert min(ref.val_acc[l, h] for l, h in claim.pairs()) >= np.sort(ref.val_acc.reshape(-1))[-3]
     assert (tmp_path / "o" / "probes" / "probes.npz").is_file()
     for bad in ("probe:0", "probe:x", f"probe:{lm.arch.n_total_heads + 1}"):
         with pytest.raises(LocauditError, match="probe:K"):
             resolve_claim(bad, lm, task, split, AuditConfig())
+
+
+@pytest.mark.parametrize("spec", ["L1N3,L2N40", "L2"])
+def test_audit_of_neuron_and_layer_claims(spec, tmp_path):
+    lm = make_tiny("gemma2")
+    res = audit(spec, write_pairs(tmp_path / "p.jsonl"), tmp_path / "o", AuditConfig(n_random=2, fit=FAST), lm=lm,
+                progress=False)
+    assert res.claim == spec.split(",")
+    kinds = "neurons" if "N" in spec else "layers"
+    for r in res.rows[2:-1]:
+        assert len(r["units"]) == len(res.claim) and r["units"] != res.claim
+    stored = json.loads((tmp_path / "o" / "trials" / "claim" / "tau0.1.json").read_text())
+    edit = json.loads((tmp_path / "o" / stored["edit_dir"] / "edit.json").read_text())
+    assert edit["kind"] == {"neurons": "neurons", "layers": "residual"}[kinds]

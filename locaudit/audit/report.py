@@ -14,7 +14,7 @@ from locaudit.audit.verdict import AuditResult
 from locaudit.figures import audit_null
 from locaudit.storage import atomic_write, atomic_write_json
 
-CSV_FIELDS = ("arm", "kind", "heads", "tau", "value", "ci_lo", "ci_hi", "gain", "frac_full", "status", "steps",
+CSV_FIELDS = ("arm", "kind", "units", "tau", "value", "ci_lo", "ci_hi", "gain", "frac_full", "status", "steps",
               "fit_seconds")
 
 
@@ -28,7 +28,7 @@ def _csv(result: AuditResult) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
     for r in result.rows:
-        w.writerow([r["arm"], r["kind"], " ".join(r["heads"] or []), r["tau"], f"{r['value']:.6f}",
+        w.writerow([r["arm"], r["kind"], " ".join(r["units"] or []), r["tau"], f"{r['value']:.6f}",
                     f"{r['ci'][0]:.6f}", f"{r['ci'][1]:.6f}", f"{r['gain']:.6f}",
                     _num(r.get("frac_full")), r["status"] or "", r["steps"] or "",
                     "" if r["fit_seconds"] is None else f"{r['fit_seconds']:.1f}"])
@@ -36,9 +36,9 @@ def _csv(result: AuditResult) -> str:
 
 
 def _table_md(result: AuditResult) -> str:
-    lines = ["| arm | heads | tau | value (95% CI) | fraction of full | fit |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | units | tau | value (95% CI) | fraction of full | fit |", "|---|---|---|---|---|---|"]
     for r in result.rows:
-        heads = "all layers" if r["kind"] == "full" else ("-" if r["heads"] is None else ",".join(r["heads"]))
+        heads = "all layers" if r["kind"] == "full" else ("-" if r["units"] is None else ",".join(r["units"]))
         ff = _num(r.get("frac_full"), 2)
         fit = "" if r["status"] is None else f"{r['status']}, {r['steps']} steps"
         tau = "" if r["tau"] is None else f"{r['tau']:g}"
@@ -59,7 +59,7 @@ def _html(result: AuditResult, fig: Path) -> str:
     img = base64.b64encode(fig.read_bytes()).decode()
     rows = []
     for r in result.rows:
-        cells = [r["arm"], "all layers" if r["kind"] == "full" else ",".join(r["heads"] or []) or "-",
+        cells = [r["arm"], "all layers" if r["kind"] == "full" else ",".join(r["units"] or []) or "-",
                  "" if r["tau"] is None else f"{r['tau']:g}", f"{r['value']:.3f}",
                  f"{r['ci'][0]:.3f}-{r['ci'][1]:.3f}", _num(r.get("frac_full"), 2),
                  "" if r["status"] is None else f"{r['status']} ({r['steps']} steps)"]
@@ -74,7 +74,7 @@ def _html(result: AuditResult, fig: Path) -> str:
             f"<p>Model {e(result.model)}; statistic {e(result.primary)}; {result.n_test} test items, "
             f"{result.n_val} validation items; wall time {result.wall_seconds:.0f} s.</p>"
             f"<img alt='random null' src='data:image/png;base64,{img}'>"
-            "<table><tr><th>arm</th><th>heads</th><th>tau</th><th>value</th><th>95% CI</th><th>fraction of full</th>"
+            "<table><tr><th>arm</th><th>units</th><th>tau</th><th>value</th><th>95% CI</th><th>fraction of full</th>"
             f"<th>fit</th></tr>{''.join(rows)}</table></body></html>")
 
 

@@ -1,9 +1,9 @@
-"""Auditing one localization claim: the optimal edit at the claimed heads against the same edit at random
-head sets of the same size and against full alignment, on any task.
+"""Auditing one localization claim: the optimal edit at the claimed units (attention heads, MLP neurons or
+layers) against the same edit at random sets of the same size and against full alignment, on any task.
 
-Arms: `none` (the unedited model), `claim` (the optimal localized edit, delta r = s <a, o> W b with b non-zero
-only on the claimed heads), `random-<i>` (the same edit at R random sets of the claim's size, drawn from every
-layer or matched to the claim's layers), and `full` (a rank-1 LoRA on every layer's W: the common ceiling).
+Arms: `none` (the unedited model), `claim` (the unit kind's optimal edit, e.g. for heads delta r = s <a, o> W b
+with b non-zero only on the claimed heads; `units.py`), `random-<i>` (the same edit at R random sets of the
+claim's kind and size, drawn from every layer or matched to the claim's layers), and `full` (a rank-1 LoRA on every layer's W: the common ceiling).
 Each fitted arm is trained to its optimum at every tau of the grid (`fit_optimal_edit`), its tau chosen on
 validation items by the task's statistic, and scored on test items. Every (arm, tau) trial is one JSON file
 written atomically under `out/trials/`, so an interrupted audit resumes where it stopped and a rerun recomputes
@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from locaudit.errors import LocauditError
-from locaudit.heads import HeadSet, parse_heads, random_heads, random_heads_like
+from locaudit.heads import HeadSet
+from locaudit.models import Arch
+from locaudit.units import UnitSet, as_units, parse_units, random_units
 from locaudit.interventions import Intervention, NoEdit, load_intervention
 from locaudit.models import LoadedModel, load_model
 from locaudit.storage import atomic_write_json, prepare_out_dir, read_json
@@ -74,56 +76,56 @@ class AuditConfig:
 class Arm:
     name: str
     kind: str  # none | claim | random | full
-    heads: HeadSet | None  # None: no edit (none) or every layer (full)
+    units: UnitSet | None  # None: no edit (none) or every layer (full)
 
     def describe(self) -> str:
         if self.kind == "none":
             return "unedited model"
         if self.kind == "full":
             return "full alignment (rank-1 LoRA on every layer)"
-        return self.heads.spec()
+        return self.units.spec()
 
 
-def plan(claim: HeadSet, n_layers: int, n_heads: int, cfg: AuditConfig) -> list[Arm]:
-    """The audit's arms in run order: none, claim, the random sets, full. A random draw equal to the claim is
-    replaced by the next seed's draw; the seeds are `seed * 1000 + i + 1` (and on)."""
+def plan(claim: UnitSet | HeadSet, arch: Arch, cfg: AuditConfig) -> list[Arm]:
+    """The audit's arms in run order: none, claim, the random sets, full. Random sets have the claim's kind and
+    size (`units.random_units`); a draw equal to the claim or to an earlier set is replaced by the next seed's
+    draw; the seeds are `seed * 1000 + 1` and on."""
+    claim = as_units(claim)
     arms = [Arm("none", "none", None), Arm("claim", "claim", claim)]
-    draw = (lambda s: random_heads_like(claim, s, n_layers, n_heads)) if cfg.match_layers else \
-        (lambda s: random_heads(len(claim), s, n_layers, n_heads))
     s = cfg.seed * 1000
-    seen = {tuple(claim.heads)}
+    seen = {tuple(claim.names)}
     for i in range(cfg.n_random):
         for _ in range(1000):
             s += 1
-            hs = draw(s)
-            if tuple(hs.heads) not in seen:
+            us = random_units(claim, s, arch, cfg.match_layers)
+            if tuple(us.names) not in seen:
                 break
         else:
-            raise LocauditError(f"cannot draw {cfg.n_random} distinct random sets of {len(claim)} heads different from "
-                                f"the claim in this model; ask for fewer random sets")
-        seen.add(tuple(hs.heads))
-        arms.append(Arm(f"random-{i:02d}", "random", hs))
+            raise LocauditError(f"cannot draw {cfg.n_random} distinct random sets of {len(claim)} {claim.kind} different "
+                                f"from the claim in this model; ask for fewer random sets")
+        seen.add(tuple(us.names))
+        arms.append(Arm(f"random-{i:02d}", "random", us))
     if cfg.full:
         arms.append(Arm("full", "full", None))
     return arms
 
 
-def fit_edit(lm: LoadedModel, task: Task | str, heads: HeadSet | str | None, config: FitConfig | None = None,
+def fit_edit(lm: LoadedModel, task: Task | str, units: UnitSet | HeadSet | str | None, config: FitConfig | None = None,
              seed: int = 0, limit: int | None = None, split: TaskSplit | None = None, progress: bool = True):
-    """The optimal edit at `heads` (names like "L12H3,L14H1", a HeadSet, or None for full alignment) for `task`,
-    trained on its training items and early-stopped on its validation items (`FitConfig`: tau, steps, patience);
-    returns the `training.FitResult` (`.edit` is the fitted edit, `.status` says whether it converged)."""
+    """The optimal edit at `units` (names like "L12H3,L14H1", "L3N100,L3N7" or "L12", a unit set, or None for full
+    alignment) for `task`, trained on its training items and early-stopped on its validation items (`FitConfig`:
+    tau, steps, patience); returns the `training.FitResult` (`.edit` is the fitted edit, `.status` says whether it
+    converged)."""
     from locaudit.experiments import fit_optimal_edit
 
     task = load_task(task)
-    a = lm.arch
-    if isinstance(heads, str):
-        heads = parse_heads(heads, a.n_layers, a.n_heads)
-    elif heads is not None:
-        heads = heads.validate(a.n_layers, a.n_heads)
+    if isinstance(units, str):
+        units = parse_units(units, lm.arch)
+    elif units is not None:
+        units = as_units(units).validate(lm.arch)
     split = split or task.split(seed, limit)
     cfg = replace(config or FitConfig(), seed=seed, fmt=task.prompt_format(lm).name)
-    return fit_optimal_edit(lm, heads, task.pairs(split.train), task.pairs(split.val), cfg, seed=seed,
+    return fit_optimal_edit(lm, units, task.pairs(split.train), task.pairs(split.val), cfg, seed=seed,
                             progress=progress)
 
 
@@ -137,7 +139,7 @@ class AuditRun:
 
     lm: LoadedModel
     task: Task
-    claim: HeadSet
+    claim: UnitSet
     cfg: AuditConfig
     out: Path
     split: TaskSplit
@@ -173,18 +175,18 @@ class AuditRun:
             except LocauditError:
                 pass  # unreadable: recompute
         t0 = time.time()
-        record = {"arm": arm.name, "kind": arm.kind, "heads": None if arm.heads is None else arm.heads.names,
+        record = {"arm": arm.name, "kind": arm.kind, "units": None if arm.units is None else arm.units.names,
                   "tau": tau, "split_hash": self.split.hash}
         if arm.kind == "none":
             edit = NoEdit()
         else:
-            result = fit_edit(self.lm, self.task, arm.heads, replace(self.cfg.fit, tau=tau), seed=self.cfg.seed,
+            result = fit_edit(self.lm, self.task, arm.units, replace(self.cfg.fit, tau=tau), seed=self.cfg.seed,
                               split=self.split, progress=self.progress)
             edit = result.edit
             summary = fit_summary(result)
             edit_dir = self.out / "edits" / f"{arm.name}-{_tau_tag(tau)}"
             edit.save(edit_dir, extra={"model": self.lm.name, "task": self.task.spec(), "arm": arm.name,
-                                       "heads": record["heads"], "split_hash": self.split.hash, **summary})
+                                       "units": record["units"], "split_hash": self.split.hash, **summary})
             record["fit"] = {k: summary[k] for k in ("status", "steps", "best", "val_start", "seconds",
                                                       "n_train_pairs", "n_val_pairs", "attempts")}
             record["fit"]["lr"] = result.config.lr
@@ -214,40 +216,39 @@ def _trial_line(k: int, n: int, arm: Arm, tau: float | None, r: dict, primary: s
     return " ".join(parts)
 
 
-def resolve_claim(claim: HeadSet | str, lm: LoadedModel, task: Task, split: TaskSplit, cfg: AuditConfig,
-                  out: Path | None = None, progress: bool = False) -> HeadSet:
-    """The claim as a HeadSet: given heads, names like "L12H3,L14H1", or "probe:K", the top K heads of ITI-style
-    probes trained on the task's training items and ranked by accuracy on its validation items (the heuristic
-    claim such a study would make; the probes are written under `out/probes`)."""
+def resolve_claim(claim: UnitSet | HeadSet | str, lm: LoadedModel, task: Task, split: TaskSplit, cfg: AuditConfig,
+                  out: Path | None = None, progress: bool = False) -> UnitSet:
+    """The claim as a unit set: given units, names ("L12H3,L14H1", "L3N100,L3N7", "L12"), or "probe:K", the top K
+    heads of ITI-style probes trained on the task's training items and ranked by accuracy on its validation items
+    (the heuristic claim such a study would make; the probes are written under `out/probes`)."""
     from locaudit.probes import probe_task
 
     a = lm.arch
-    if isinstance(claim, HeadSet):
-        return claim.validate(a.n_layers, a.n_heads)
+    if not isinstance(claim, str):
+        return as_units(claim).validate(a)
     text = claim.strip()
     if not text.lower().startswith("probe:"):
-        return parse_heads(text, a.n_layers, a.n_heads)
+        return parse_units(text, a)
     k = text.partition(":")[2].strip()
     if not k.isdigit() or not 0 < int(k) <= a.n_total_heads:
         raise LocauditError(f"claim {text!r}: give probe:K with K a number of heads from 1 to {a.n_total_heads}")
     result = probe_task(lm, task, split, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     if out is not None:
         result.save(out / "probes")
-    top = result.top(int(k))
-    return HeadSet(top.heads, f"probe-top{k}")
+    return as_units(HeadSet(result.top(int(k)).heads, f"probe-top{k}"))
 
 
-def _config_record(lm: LoadedModel, task: Task, claim: HeadSet, cfg: AuditConfig) -> dict:
+def _config_record(lm: LoadedModel, task: Task, claim: UnitSet, cfg: AuditConfig) -> dict:
     return {"version": AUDIT_VERSION, "model": lm.name, "task": task.spec(), "claim": claim.names,
             "config": json.loads(json.dumps(asdict(cfg)))}
 
 
-def audit(claim: HeadSet | str, task: Task | str, out: str | Path, config: AuditConfig | None = None,
+def audit(claim: UnitSet | HeadSet | str, task: Task | str, out: str | Path, config: AuditConfig | None = None,
           lm: LoadedModel | str | None = None, progress: bool = True):
-    """Audit the claim that `task`'s behaviour lives at the heads `claim` (module docstring); write trials, the
+    """Audit the claim that `task`'s behaviour lives at the units `claim` (module docstring); write trials, the
     report (report.md, report.html), results.json and results.csv under `out`; return the `AuditResult`.
 
-    `claim`: a HeadSet or names like "L12H3,L14H1"; `task`: a Task or its spec (`truthfulqa`, `caa:sycophancy`,
+    `claim`: a unit set or names like "L12H3,L14H1", "L3N100,L3N7", "L12", or "probe:K"; `task`: a Task or its spec (`truthfulqa`, `caa:sycophancy`,
     a .jsonl path); `lm`: a loaded model, a model id/path, or None for the embedded default."""
     from locaudit.audit.report import write_audit_report
     from locaudit.audit.verdict import summarize
@@ -266,7 +267,7 @@ def audit(claim: HeadSet | str, task: Task | str, out: str | Path, config: Audit
         raise LocauditError(f"{out} holds an audit with different settings; give a new output directory or the same settings")
     atomic_write_json(prev, record)
     run = AuditRun(lm, task, claim, cfg, out, split, progress)
-    arms = plan(claim, a.n_layers, a.n_heads, cfg)
+    arms = plan(claim, a, cfg)
     trials: dict[str, list[dict]] = {}
     t0 = time.time()
     todo = [(arm, tau) for arm in arms for tau in ((None,) if arm.kind == "none" else cfg.taus)]

@@ -33,7 +33,7 @@ class AuditResult:
     claim: list[str]
     n_test: int
     n_val: int
-    rows: list[dict]  # one per arm: arm, kind, heads, tau, value, ci, gain, status, steps, fit_seconds, metrics
+    rows: list[dict]  # one per arm: arm, kind, units, tau, value, ci, gain, status, steps, fit_seconds, metrics
     null: NullTest
     null_including_stuck: NullTest
     frac_full: tuple[float, float, float]  # point, lo, hi
@@ -105,7 +105,7 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
         r = chosen[a.name]
         fit = r.get("fit") or {}
         rows.append({
-            "arm": a.name, "kind": a.kind, "heads": None if a.heads is None else a.heads.names, "tau": r.get("tau"),
+            "arm": a.name, "kind": a.kind, "units": None if a.units is None else a.units.names, "tau": r.get("tau"),
             "value": stat[a.name], "ci": list(_interval(boot[a.name])), "gain": stat[a.name] - base,
             "gain_ci": list(_interval(boot[a.name] - boot["none"])),
             "status": fit.get("status"), "steps": fit.get("steps"), "fit_seconds": fit.get("seconds"),
@@ -134,6 +134,11 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
                                "n_boot": cfg.n_boot, "seed": cfg.seed})
 
 
+def _unit_word(units) -> str:
+    noun = units.unit_kind.noun
+    return noun if len(units) == 1 else noun + "s"
+
+
 def _f(x: float) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
@@ -142,7 +147,7 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
              frac: tuple, rand_frac: list[float], n: int, n_stuck: int) -> tuple[str, str]:
     """(strength, plain-words verdict with n and intervals)."""
     what = "True*Info" if task.primary == "truth_info" else task.primary
-    head = (f"Claim {','.join(run.claim.names)} ({len(run.claim)} head{'s' if len(run.claim) != 1 else ''}) on "
+    head = (f"Claim {','.join(run.claim.names)} ({len(run.claim)} {_unit_word(run.claim)}) on "
             f"{task.spec()}, {run.lm.name}, n={n} test items: the optimal edit at the claim moves {what} from "
             f"{_f(base)} (unedited) to {_f(claim['value'])} (95% CI {_f(claim['ci'][0])}-{_f(claim['ci'][1])}).")
     if claim["status"] == "stuck":
@@ -170,7 +175,7 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
     above = claim["value"] > null.random_mean
     if above and null.p_rank <= ALPHA:
         return "singled-out", " ".join(parts) + (
-            " Editing singles out the claimed heads: the optimal edit there beats random locations of the same size.")
+            " Editing singles out the claimed units: the optimal edit there beats random locations of the same size.")
     floor = 1 / (null.n_random + 1)
     if above and floor > ALPHA and null.p_rank <= floor + 1e-12:
         return "weak", " ".join(parts) + (
@@ -180,4 +185,4 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
         return "weak", " ".join(parts) + (" The claim scores above the random average but not beyond what random "
                                           "locations reach: weak evidence at most.")
     return "none", " ".join(parts) + (" Random locations do as well: editing gives no evidence that the behaviour "
-                                      "is localized at the claimed heads.")
+                                      "is localized at the claimed units.")
