@@ -200,3 +200,34 @@ def test_audit_of_neuron_and_layer_claims(spec, tmp_path):
     stored = json.loads((tmp_path / "o" / "trials" / "claim" / "tau0.1.json").read_text())
     edit = json.loads((tmp_path / "o" / stored["edit_dir"] / "edit.json").read_text())
     assert edit["kind"] == {"neurons": "neurons", "layers": "residual"}[kinds]
+
+
+def test_cli_audit_on_a_saved_model(tmp_path, capsys):
+    from locaudit.cli import main
+
+    lm = make_tiny("llama")
+    model_dir = tmp_path / "model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    data = write_pairs(tmp_path / "p.jsonl")
+    out = tmp_path / "audit"
+    args = ["audit", "--units", "L1N3,L2N7", "--task", str(data), "--model", str(model_dir), "--device", "cpu",
+            "--dtype", "float32", "--preset", "smoke", "--random", "2", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["claim"] == ["L1N3", "L2N7"] and [a["arm"] for a in res["arms"]][:2] == ["none", "claim"]
+    assert res["null"]["n_random"] + sum(a["status"] == "stuck" for a in res["arms"] if a["kind"] == "random") == 2
+    assert res["verdict"] in capsys.readouterr().out
+    assert main(args) == 0  # a rerun reads every stored trial
+    assert capsys.readouterr().err.count("(stored)") == 5
+    bad = tmp_path / "never"
+    for argv, msg in ((["--units", "L1N3,L2H1"], "one kind per claim"), (["--units", "L9N1"], "L9N1"),
+                      (["--task", "caa:nope"], "unknown CAA behaviour")):
+        a = list(args)
+        for k in range(0, len(argv), 2):
+            a[a.index(argv[k]) + 1] = argv[k + 1]
+        a[a.index("--out") + 1] = str(bad)
+        assert main(a) == 2
+        err = capsys.readouterr().err
+        lines = [l for l in err.replace("\r", "\n").splitlines() if l.startswith("locaudit:")]
+        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err and not bad.exists()
