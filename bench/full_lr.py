@@ -21,7 +21,8 @@ def _fit(lr: float) -> dict:
     import torch
 
     from locaudit.data.examples import preference_pairs
-    from locaudit.experiments import load, make_edit
+    from locaudit.methods import make_edit
+    from locaudit.stages import load
     from locaudit.study import load_preset
     from locaudit.training import fit
 

@@ -27,8 +27,9 @@ def _fit_one(job: dict) -> dict:
     import torch
 
     from locaudit.data.examples import preference_pairs
-    from locaudit.experiments import load, make_edit
     from locaudit.heads import parse_heads
+    from locaudit.methods import make_edit
+    from locaudit.stages import load
     from locaudit.study import load_preset
     from locaudit.training import fit
 

@@ -1,4 +1,4 @@
-"""quick: the whole study preset through `experiments.run_study`, stage by stage, and how close the IPO
+"""quick: the whole study preset through `locaudit.study.run_study`, stage by stage, and how close the IPO
 training stage gets to the machine's matmul throughput.
 
 - Preset: `quick` (`locaudit/presets/quick.toml`), or the TOML file in `$LOCAUDIT_BENCH_PRESET` (e.g. an older
@@ -104,12 +104,13 @@ def model_params(lm) -> dict:
 def eval_breakdown(run_dir: Path) -> dict:
     """Per evaluation stage (baseline, iti, ipo_eval), the summed `timings` of its trials: generate, mc, judge,
     text; plus the number of trials and the summed fit seconds recorded in IPO trials."""
-    from locaudit.runner import STAGE_OF
+    from locaudit.methods import METHODS
 
     out: dict = {}
     for f in sorted(run_dir.glob("trials/*/*.json")):
         r = json.loads(f.read_text())
-        d = out.setdefault(STAGE_OF.get(r.get("method"), "other"), {"trials": 0})
+        method = METHODS.get(r.get("method"))
+        d = out.setdefault(method.stage if method else "other", {"trials": 0})
         d["trials"] += 1
         for k, v in (r.get("timings") or {}).items():
             d[k] = d.get(k, 0.0) + float(v)
@@ -130,7 +131,8 @@ def choose_preset(quick: bool):
 
 
 def run(quick: bool) -> dict:
-    from locaudit.experiments import load, run_study
+    from locaudit.stages import load
+    from locaudit.study import run_study
 
     preset, preset_note = choose_preset(quick)
     preset = replace(preset, model=replace(preset.model, device="cpu", dtype="float32"))

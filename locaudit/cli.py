@@ -38,12 +38,12 @@ def _show(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
-def _int(text: str, minimum: int, what: str) -> int:
+def _int(text: str, minimum: int | None = None, what: str = "an integer") -> int:
     try:
         v = int(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {_show(text)}") from None
-    if v < minimum:
+    if minimum is not None and v < minimum:
         raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
     return v
 
@@ -66,13 +66,6 @@ def _float(text: str) -> float:
     return v
 
 
-def _positive_float(text: str) -> float:
-    v = _float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v:g}")
-    return v
-
-
 def _head_list(text: str) -> str:
     """Check a head list's syntax now (ranges need the model, checked once it is loaded)."""
     from locaudit.heads import parse_heads
@@ -88,8 +81,9 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--data-dir", default=None, help="TruthfulQA directory (default: $LOCAUDIT_DATA or ../shared/data/truthfulqa)")
-    p.add_argument("--limit-questions", type=_positive_int, default=None, help="use a seeded subset of N questions")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    # ranges of options that fill a config dataclass are that dataclass's checks (`DataConfig`, `FitConfig`)
+    p.add_argument("--limit-questions", type=_int, default=None, help="use a seeded subset of N questions")
+    p.add_argument("--seed", type=_int, default=0)
     if out:
         p.add_argument("--out", type=Path, required=True)
 
@@ -102,7 +96,7 @@ def _configs(args):
 
 
 def cmd_probe(args) -> None:
-    from locaudit.experiments import run_probe
+    from locaudit.stages import run_probe
 
     result = run_probe(*_configs(args), args.out, probe_format=args.probe_format, batch_size=args.batch_size, top_k=args.top_k)
     top = result.ranking[: args.top_k]
@@ -113,8 +107,8 @@ def cmd_probe(args) -> None:
 
 
 def cmd_steer(args) -> None:
-    from locaudit.experiments import load, resolve_heads, run_steer
     from locaudit.probes import ProbeResult
+    from locaudit.stages import load, resolve_heads, run_steer
 
     mcfg, dcfg = _configs(args)
     lm = load(mcfg)
@@ -130,14 +124,18 @@ def cmd_steer(args) -> None:
 
 
 def cmd_fit(args) -> None:
-    from locaudit.experiments import run_fit
+    from locaudit.stages import load, resolve_heads, run_fit
+    from locaudit.training import FitConfig
 
-    summary = run_fit(*_configs(args), args.out, heads=args.heads, top_k=args.top_k, probes=args.probes,
-                      random_k=args.random, all_heads=args.all_heads, full=args.full, objective=args.objective,
-                      tau=args.tau, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, fmt=args.format,
-                      max_train_pairs=args.max_train_pairs, max_val_pairs=args.max_val_pairs,
-                      sum_logprobs=args.sum_logprobs, max_steps=args.max_steps, eval_every=args.eval_every,
-                      patience=args.patience)
+    mcfg, dcfg = _configs(args)
+    cfg = FitConfig(objective=args.objective, tau=args.tau, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                    fmt=args.format, max_train_pairs=args.max_train_pairs, max_val_pairs=args.max_val_pairs,
+                    average_logprobs=not args.sum_logprobs, seed=dcfg.seed, max_steps=args.max_steps,
+                    eval_every=args.eval_every, patience=args.patience)  # bad values fail here, before the model loads
+    lm = load(mcfg)
+    heads = None if args.full else resolve_heads(lm, heads=args.heads, top_k=args.top_k, probes=args.probes,
+                                                 random_k=args.random, seed=dcfg.seed, all_=args.all_heads)
+    summary = run_fit(lm, dcfg, heads, cfg, args.out)
     b, s = summary["best"], summary["val_start"]
     print(f"{summary['edit_label']}: val {summary['config']['objective'].upper()} loss {s['val_loss']:.3f} -> {b['val_loss']:.3f}, "
           f"preference accuracy {s['val_pref_acc']:.3f} -> {b['val_pref_acc']:.3f} "
@@ -149,7 +147,7 @@ def cmd_fit(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from locaudit.experiments import run_eval
+    from locaudit.stages import run_eval
 
     m = run_eval(*_configs(args), args.out, edit_dir=args.edit, iti=args.iti, heads=args.heads, top_k=args.top_k,
                  probes=args.probes, alpha=args.alpha, fmt=args.format, split=args.split, judge=args.judge,
@@ -162,7 +160,7 @@ def cmd_eval(args) -> None:
 
 def cmd_export(args) -> None:
     from locaudit.config import ModelConfig
-    from locaudit.experiments import load
+    from locaudit.stages import load
     from locaudit.export import check_out_dir, export_peft
     from locaudit.interventions import load_intervention
 
@@ -177,8 +175,8 @@ def cmd_export(args) -> None:
 
 def cmd_judge(args) -> None:
     if args.action == "run":
-        from locaudit.experiments import judge_run
         from locaudit.report import console_summary
+        from locaudit.study import judge_run
 
         if args.run_dir is None:
             raise LocauditError("`locaudit judge run` needs the run directory: locaudit judge run RUN_DIR")
@@ -193,13 +191,12 @@ def cmd_judge(args) -> None:
 def cmd_run(args) -> None:
     from datetime import datetime
 
-    from locaudit.experiments import run_study
-    from locaudit.study import load_preset, with_overrides
+    from locaudit.study import load_preset, run_study, with_overrides
 
+    # the preset's dataclasses check every setting as they are built (and again with the overrides)
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed,
                             judge=args.judge)
-    check_preset(preset)
     preset.data.load_split()  # bad data fails now, before the model is loaded
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     from locaudit.report import console_summary
@@ -282,18 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="ordinary rank-1 LoRA on every W^l (full alignment)")
     p.add_argument("--probes", type=Path, default=None)
     p.add_argument("--objective", default="ipo", choices=["ipo", "dpo"])
-    p.add_argument("--tau", type=_positive_float, default=0.1)
-    p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--lr", type=_positive_float, default=None, help="default: by head-set size")
-    p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--max-train-pairs", type=_positive_int, default=None)
-    p.add_argument("--max-val-pairs", type=_positive_int, default=None,
+    # the ranges of these are FitConfig's checks
+    p.add_argument("--tau", type=_float, default=0.1)
+    p.add_argument("--epochs", type=_int, default=2)
+    p.add_argument("--lr", type=_float, default=None, help="default: by head-set size")
+    p.add_argument("--batch-size", type=_int, default=4)
+    p.add_argument("--max-train-pairs", type=_int, default=None)
+    p.add_argument("--max-val-pairs", type=_int, default=None,
                    help="cap the validation pairs (default all; pi0 and every validation pass score them all)")
     p.add_argument("--format", default="qa", choices=["qa", "plain", "chat"])
     p.add_argument("--sum-logprobs", action="store_true", help="sum answer-token log-probs instead of averaging")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="step cap (with --patience: train to the optimum)")
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="validate every N steps (default: once per epoch)")
-    p.add_argument("--patience", type=_positive_int, default=None,
+    p.add_argument("--max-steps", type=_int, default=None, help="step cap (with --patience: train to the optimum)")
+    p.add_argument("--eval-every", type=_int, default=None, help="validate every N steps (default: once per epoch)")
+    p.add_argument("--patience", type=_int, default=None,
                    help="stop when validation loss has not improved by 1%% for N validations (needs --eval-every; "
                         "the cap is --max-steps, else --epochs)")
     p.set_defaults(func=cmd_fit)
@@ -344,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<timestamp>)")
     for flag in ("--model", "--device", "--dtype", "--data-dir"):
         p.add_argument(flag, default=None)
-    p.add_argument("--limit-questions", type=_positive_int, default=None)
-    p.add_argument("--seed", type=_nonneg_int, default=None)
+    p.add_argument("--limit-questions", type=_int, default=None)
+    p.add_argument("--seed", type=_int, default=None)
     p.add_argument("--judge", default=None, help="the preset's judge (default); `none` stores answers only, to be "
                                                  "scored later by `locaudit judge run DIR` (e.g. on a machine without judges)")
     p.add_argument("--workers", type=_positive_int, default=None,
@@ -402,67 +400,6 @@ def _check_out(out: Path | None) -> None:
         raise LocauditError(f"--out {out} cannot be created: {parent} is a file; give a directory path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LocauditError(f"--out {out} cannot be created: {parent} is not writable; give a directory you can write to")
-
-
-def _type_ok(value, annotation: str) -> bool:
-    """Whether a preset value matches a dataclass field's (string) annotation: int, float, str, bool,
-    `X | None`, `tuple[float, ...]`."""
-    annotation = annotation.replace(" ", "")
-    if annotation.endswith("|None"):
-        return value is None or _type_ok(value, annotation[: -len("|None")])
-    if annotation.startswith("tuple[") and annotation.endswith(",...]"):
-        return isinstance(value, tuple) and all(_type_ok(v, annotation[6:-5]) for v in value)
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if annotation == "str":
-        return isinstance(value, str)
-    return True
-
-
-_WANT = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false",
-         "tuple[float, ...]": "a list of numbers, e.g. [5.0, 15.0]"}
-
-
-def check_preset(preset) -> None:
-    """Every setting of a loaded preset has the type its table expects and a sensible range (the preset's
-    dataclasses check some of this themselves; TOML can still give strings where numbers belong)."""
-    from dataclasses import fields
-
-    for table in ("model", "data", "study", "fit", "eval"):
-        obj = getattr(preset, table)
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            if not _type_ok(v, str(f.type)):
-                base = str(f.type).replace(" | None", "")
-                raise LocauditError(f"preset {preset.name!r} [{table}] {f.name} = {v!r}: expected "
-                                    f"{_WANT.get(base, base)}; fix the preset file")
-    st, ev, data = preset.study, preset.eval, preset.data
-    checks = [
-        (all(t > 0 for t in st.taus), "[study] taus must all be > 0"),
-        (all(math.isfinite(a) for a in st.alphas), "[study] alphas must be finite numbers"),
-        (st.max_val_questions is None or st.max_val_questions > 0, "[study] max_val_questions must be positive"),
-        (st.max_test_questions is None or st.max_test_questions > 0, "[study] max_test_questions must be positive"),
-        (ev.max_new_tokens > 0 and ev.batch_size > 0 and ev.text_tokens > 0,
-         "[eval] max_new_tokens, batch_size and text_tokens must be positive"),
-        (ev.text_docs >= 0, "[eval] text_docs must be >= 0 (0 skips CE/KL)"),
-        (data.seed >= 0, "[data] seed must be >= 0"),
-        (preset.fit.weight_decay >= 0 and 0 <= preset.fit.warmup_ratio < 1,
-         "[fit] weight_decay must be >= 0 and warmup_ratio in [0, 1)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LocauditError(f"preset {preset.name!r}: {message}; fix the preset file")
-    from locaudit.data.examples import PROBE_FORMATS
-    from locaudit.data.formats import FORMATS
-
-    for where, value, allowed in (("[eval] fmt", ev.fmt, FORMATS), ("[fit] fmt", preset.fit.fmt, FORMATS),
-                                  ("[study] probe_format", st.probe_format, PROBE_FORMATS)):
-        if value not in allowed:
-            raise LocauditError(f"preset {preset.name!r}: {where} = {value!r}; use one of {', '.join(allowed)}")
 
 
 def _check_data(args) -> None:

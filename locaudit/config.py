@@ -1,5 +1,5 @@
 """Configuration shared by every stage: which model, which data, how to split it. Frozen dataclasses;
-presets (quick, paper, smoke) are TOML data files in `locaudit/presets/`, read by `experiments`."""
+presets (quick, paper, smoke) are TOML data files in `locaudit/presets/`, read by `study.plan`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class DataConfig:
 
     def __post_init__(self):
         if self.limit_questions is not None and self.limit_questions <= 0:
-            raise LocauditError(f"--limit-questions must be positive, got {self.limit_questions}")
+            raise LocauditError(f"limit_questions (--limit-questions) must be positive, got {self.limit_questions}")
+        if self.seed < 0:
+            raise LocauditError(f"seed (--seed) must be >= 0, got {self.seed}")
 
     def load_split(self):
         """Load TruthfulQA and split it by question as configured."""

@@ -15,6 +15,7 @@ import numpy as np
 from locaudit import figures, replication, stats
 from locaudit.errors import LocauditError
 from locaudit.heads import parse_head
+from locaudit.methods import METHODS, method_of, value_of
 from locaudit.storage import atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = ["arm", "heads", "method", "alpha", "tau", "split", "truth", "info", "truth_info", "mc1", "mc2", "ce", "kl",
@@ -38,7 +39,7 @@ def selected_tests(trials: list[dict], selections: dict, run_dir: Path) -> dict[
     for r in trials:
         if r["split"] != "test":
             continue
-        hp = r["alpha"] if r["method"] == "iti" else r["tau"]
+        hp = value_of(r)
         if r["arm"] not in selections or selections[r["arm"]] == hp:
             tests[r["arm"]] = r
     return tests
@@ -66,6 +67,9 @@ def fit_status(row: dict) -> str | None:
 # the rates of answers judged true / informative), MC1, MC2 (higher is better) and KL (lower is better)
 SIDE_METRICS = ("truth_info_pct", "mc1", "mc2", "kl")
 
+# methods that edit a given head set: S* (the probe heads) is tested against random head sets for each of them
+LOCATED = tuple(m for m in METHODS.values() if m.scope == "heads")
+
 
 def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc: np.ndarray | None = None) -> dict:
     """Null tests (ITI, IPO) on True*Info and the side metrics, intervals, fraction of full alignment, single
@@ -85,7 +89,8 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
                    "stuck": sorted(n for n, v in fitted.items() if v == "stuck"),
                    "not_converged": sorted(n for n, v in fitted.items() if v in ("step_cap", "fixed_schedule"))}
     full = tests.get("full")
-    for method, label in (("iti", "ITI"), ("ipo", "Optimal edit (IPO)")):
+    for m in LOCATED:
+        method, label = m.name, m.label
         top = by_group(method, "top")
         rand = [r for r in by_group(method, "random") if fit_status(r) != "stuck"]
         if not top:
@@ -99,7 +104,8 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
             verdict += (f" {len(stuck)} random set(s) never left the identity and are left out of this null; counted "
                         f"at their unedited score, S* would sit at the {stats.ordinal(with_stuck.percentile)} percentile "
                         f"(rank p = {with_stuck.p_rank:.3f}).")
-        for who, row in (("S*", top[0]), ("full alignment", full if method == "ipo" else None)):
+        # a fitted edit at S* or at random sets is compared with the fitted edit at every W^l (full alignment)
+        for who, row in (("S*", top[0]), ("full alignment", full if m.needs_fit else None)):
             if row is not None and fit_status(row) == "stuck":
                 verdict += f" Warning: the fit at {who} never left the identity, so its score is the unedited model's."
         unconverged = [r["arm"] for r in top + rand if fit_status(r) in ("step_cap", "fixed_schedule")]
@@ -125,9 +131,9 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
             if per is not None and len(per) > 1:
                 entry["ci"] = list(stats.mean_ci(per, n_boot=n_boot, seed=seed))
             res["side_metrics"][metric] = entry
-        if full is not None and method == "ipo":
+        if full is not None and m.needs_fit:
             ratios = {}
-            for r in top + rand + by_group("ipo", "all-heads"):
+            for r in top + rand + by_group(method, "all-heads"):
                 p, lo, hi = stats.paired_ratio_ci(_per_q(r), _per_q(full), n_boot=n_boot, seed=seed)
                 ratios[r["arm"]] = {"ratio": p, "ci": [lo, hi]}
             res["fraction_of_full"] = ratios
@@ -172,9 +178,9 @@ def console_summary(run_dir: Path, results: dict) -> str:
             q, a0, a1 = (base["per_question"]["question"][0], base["per_question"]["answer"][0],
                          top["per_question"]["answer"][0])
             lines.append(f"Q: {q}\n  unsteered: {a0}\n  ITI at S* (alpha {top['alpha']:g}): {a1}")
-    for key in ("iti", "ipo"):
-        if key in results["stats"]:
-            lines.append(results["stats"][key]["verdict"])
+    for m in LOCATED:
+        if m.name in results["stats"]:
+            lines.append(results["stats"][m.name]["verdict"])
     lines.append(f"report: {run_dir}/report.html")
     return "\n".join(lines)
 
@@ -200,7 +206,7 @@ def write_report(run_dir: Path) -> dict:
 
     rows = []
     for r in trials:
-        hp = r["alpha"] if r["method"] == "iti" else r["tau"]
+        hp = value_of(r)
         rows.append({**{k: r.get(k) for k in COLUMNS if k not in ("seconds", "selected")},
                      "seconds": round(r.get("eval_seconds", 0) + r.get("fit_seconds", 0), 2),
                      "selected": int(r["split"] == "test" and selections.get(r["arm"], hp) == hp)})
@@ -228,7 +234,7 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc
     fdir = run_dir / "figures"
     out = {}
     full = tests.get("full", {}).get("truth_info")
-    for method, title in (("iti", "ITI"), ("ipo", "Optimal edit (IPO)")):
+    for method, title in ((m.name, m.label) for m in LOCATED):
         if method in st:
             marks = {"S* (probe heads)": tests[st[method]["top_arm"]]["truth_info"]}
             if full is not None:
@@ -245,13 +251,14 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc
             marks["S* (IPO)"] = tests[st["ipo"]["top_arm"]]["truth_info"]
         out["hist_single"] = figures.null_histogram(list(st["single"]["scores"].values()), fdir / "hist_single.png", marks,
                                                     "True*Info (test)", "Optimal edit at single random heads")
-    # trade-off curves through each arm's grid on validation questions (every grid value has a validation trial)
-    for method, hp, title in (("iti", "alpha", "ITI"), ("ipo", "tau", "Optimal edit (IPO)")):
+    # trade-off curves through each arm's grid on validation questions (every grid value has a validation trial),
+    # with every arm whose method has the same hyper-parameter (IPO's curves include full alignment's)
+    for method, hp, title in ((m.name, m.hyper, m.label) for m in LOCATED):
         curves = []
-        for r_arm in sorted({r["arm"] for r in trials if r["method"] in (method, "full" if method == "ipo" else method)}):
+        for r_arm in sorted({r["arm"] for r in trials if method_of(r).hyper == hp}):
             rows = sorted((r for r in trials if r["arm"] == r_arm and r["split"] == "val"), key=lambda r: r[hp] or 0)
             if rows:
-                kind = "full" if rows[0]["method"] == "full" else rows[0]["group"]
+                kind = rows[0]["group"]
                 if kind in ("top", "random", "full"):
                     curves.append({"label": {"top": "S* (probe heads)", "full": "full alignment"}.get(kind, r_arm),
                                    "kind": kind, "points": [{**r, "hp": r[hp]} for r in rows]})
@@ -303,9 +310,9 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
         parts.append("<p class='v'><b>Partial run</b>: the study stopped before every arm finished; this report covers "
                      "the finished trials only (rerun the same `locaudit run` command to complete it).</p>")
     parts.append("<h2>Verdict</h2>")
-    for key in ("iti", "ipo"):
-        if key in st:
-            parts.append(f"<p class='v'>{e(st[key]['verdict'])}</p>")
+    for m in LOCATED:
+        if m.name in st:
+            parts.append(f"<p class='v'>{e(st[m.name]['verdict'])}</p>")
     if "single" in st:
         s = st["single"]
         parts.append(f"<p class='v'>Single heads: {s['n_reaching_full']} of {s['n']} random single heads reach the "
@@ -339,7 +346,7 @@ def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, fi
             parts.append("<tr>" + "".join(f"<td style='text-align:left'>{e(r[k])}</td>" for k in ("finding", "paper", "measured"))
                          + f"<td style='text-align:left'><b>{e(r['verdict'])}</b>: {e(r['because'])}</td></tr>")
         parts.append("</table>")
-    side = [(m, k, v) for m in ("iti", "ipo") if m in st for k, v in st[m].get("side_metrics", {}).items()]
+    side = [(m.name, k, v) for m in LOCATED if m.name in st for k, v in st[m.name].get("side_metrics", {}).items()]
     if side:
         names = {"truth_info_pct": "True*Info as ITI computes it (% true x % informative / 100)", "mc1": "MC1",
                  "mc2": "MC2", "kl": "KL from unedited (lower is better)"}

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locaudit.data.examples import PreferencePair
-from locaudit.data.formats import PromptFormat
+from locaudit.data.formats import FORMATS, PromptFormat
 from locaudit.errors import LocauditError
 from locaudit.interventions import Intervention, NoEdit
 from locaudit.models import LoadedModel
@@ -96,6 +96,11 @@ class FitConfig:
             raise LocauditError(f"min_delta is a relative improvement in [0, 1), got {self.min_delta}")
         if not self.lora_scale > 0:
             raise LocauditError(f"lora_scale must be > 0, got {self.lora_scale}")
+        if self.fmt not in FORMATS:
+            raise LocauditError(f"fmt = {self.fmt!r} is not a prompt format; use one of {', '.join(FORMATS)}")
+        if not self.weight_decay >= 0 or not 0 <= self.warmup_ratio < 1:
+            raise LocauditError(f"weight_decay must be >= 0 and warmup_ratio in [0, 1), got {self.weight_decay}, "
+                                f"{self.warmup_ratio}")
         if self.retries < 0 or not 0 < self.retry_factor < 1:
             raise LocauditError(f"retries must be >= 0 and retry_factor in (0, 1), got {self.retries}, {self.retry_factor}")
 

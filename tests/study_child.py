@@ -1,5 +1,5 @@
 """A tiny `locaudit run` for interruption tests: the real CLI (`python -m locaudit.cli run ...`, i.e. its argument
-parsing, preset loading, error and Ctrl-C handling) and the real `run_study`, on a tiny random Llama with a
+parsing, preset loading, error and Ctrl-C handling) and the real `locaudit.study.run_study`, on a tiny random Llama with a
 deterministic hash judge instead of the embedded model and the trained judges.
 
     LOCAUDIT_CACHE=DIR python tests/study_child.py [--hang-at-trial N] run --preset tiny.toml --out RUN
@@ -82,8 +82,8 @@ def patched(hang_at_trial: int = 0):
     """`run_study` gets the tiny model and hash judges (and progress off); optionally hang in a trial write."""
     import torch
 
-    from locaudit import experiments as ex
     from locaudit import storage
+    from locaudit import study as ex
     from tests.conftest import make_tiny
 
     orig_run, orig_write, threads = ex.run_study, storage.atomic_write, torch.get_num_threads()

@@ -77,7 +77,7 @@ def test_lora_scale_multiplies_the_edit_like_peft(tiny_llama, kind, tmp_path):
     """scale s with b (B) equals scale 1 with s * b: PEFT's lora_alpha / r; merge and save/load keep it."""
     import torch
 
-    from locaudit.experiments import make_edit
+    from locaudit.methods import make_edit
     from locaudit.interventions import load_intervention
     from tests.test_edits import logits, randomise
 

@@ -13,7 +13,7 @@ def test_probes_end_to_end_best_head_beats_chance(smol, tmp_path):
     from locaudit.activations import cached_activations
     from locaudit.config import DataConfig, ModelConfig
     from locaudit.data.examples import probe_examples
-    from locaudit.experiments import run_probe
+    from locaudit.stages import run_probe
 
     dcfg = DataConfig(limit_questions=60, seed=0)
     result = run_probe(ModelConfig(), dcfg, tmp_path / "probe", lm=smol, progress=False)

@@ -461,18 +461,11 @@ def test_corrupt_model_cache_is_rebuilt(smol, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- options
 
 @pytest.mark.parametrize("argv, expect", [
-    (["fit", "--all-heads", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
-    (["fit", "--all-heads", "--batch-size", "-4"], "argument --batch-size: expected a positive integer, got -4"),
     (["probe", "--top-k", "two"], "argument --top-k: expected a positive integer, got 'two'"),
-    (["probe", "--limit-questions", "0"], "argument --limit-questions: expected a positive integer, got 0"),
-    (["fit", "--all-heads", "--max-train-pairs", "0"], "expected a positive integer, got 0"),
-    (["fit", "--all-heads", "--tau", "0"], "argument --tau: expected a number > 0, got 0"),
-    (["fit", "--all-heads", "--tau", "-0.5"], "argument --tau: expected a number > 0, got -0.5"),
+    (["fit", "--all-heads", "--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
     (["fit", "--all-heads", "--tau", "nan"], "argument --tau: expected a finite number, got 'nan'"),
-    (["fit", "--all-heads", "--lr", "0"], "argument --lr: expected a number > 0, got 0"),
     (["steer", "--alpha", "abc"], "argument --alpha: expected a number, got 'abc'"),
     (["steer", "--alpha", "inf"], "argument --alpha: expected a finite number, got 'inf'"),
-    (["probe", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
     (["eval", "--none", "--text-docs", "-1"], "argument --text-docs: expected an integer >= 0, got -1"),
     (["eval", "--none", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a positive integer, got 0"),
     (["fit", "--heads", "L1H1", "--random", "3"], "argument --random: not allowed with argument --heads"),
@@ -488,6 +481,27 @@ def test_bad_options(capsys, tmp_path, argv, expect):
         argv = argv + ["--out", str(tmp_path / "o")]
     msg = user_error(capsys, *argv, expect=(expect,))
     assert "--help`)" in msg
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["fit", "--all-heads", "--epochs", "0"], "epochs must be positive, got 0"),
+    (["fit", "--all-heads", "--batch-size", "-4"], "batch_size must be positive, got -4"),
+    (["fit", "--all-heads", "--max-train-pairs", "0"], "max_train_pairs must be positive, got 0"),
+    (["fit", "--all-heads", "--tau", "0"], "tau must be > 0, got 0.0"),
+    (["fit", "--all-heads", "--tau", "-0.5"], "tau must be > 0, got -0.5"),
+    (["fit", "--all-heads", "--lr", "0"], "learning rate must be > 0, got 0.0"),
+    (["fit", "--all-heads", "--patience", "3"], "early stopping (patience) needs eval_every"),
+    (["probe", "--limit-questions", "0"], "limit_questions (--limit-questions) must be positive, got 0"),
+    (["probe", "--seed", "-1"], "seed (--seed) must be >= 0, got -1"),
+    (["run", "--preset", "smoke", "--seed", "-1"], "seed (--seed) must be >= 0, got -1"),
+    (["run", "--preset", "smoke", "--limit-questions", "0"], "limit_questions (--limit-questions) must be positive"),
+])
+def test_bad_option_values(capsys, tmp_path, argv, expect):
+    """Values the config dataclasses (`FitConfig`, `DataConfig`) refuse: their own checks, not a second copy in the
+    CLI, still before a model is loaded or anything is written."""
+    msg = user_error(capsys, *argv, "--out", str(tmp_path / "o"), expect=(expect,))
+    assert "--help`)" not in msg
     assert not (tmp_path / "o").exists()
 
 
@@ -532,12 +546,19 @@ def test_environment_errors(capsys, tmp_path, monkeypatch):
 BAD_PRESETS = [
     ('[study]\nalphas = ["a", 5.0]\n', "[study] alphas = ('a', 5.0): expected a list of numbers"),
     ("[study]\nalphas = [5.0, nan]\n", "expected a list of numbers"),
-    ("[study]\ntaus = [0.0]\n", "every tau must be > 0, got 0.0"),
+    ("[study]\ntaus = [0.0]\n", "[study]: every tau must be > 0, got 0.0"),
     ('[eval]\nmax_new_tokens = "50"\n', "[eval] max_new_tokens = '50': expected an integer"),
-    ("[eval]\ntext_docs = -3\n", "[eval] text_docs must be >= 0"),
-    ("[study]\nmax_test_questions = 0\n", "[study] max_test_questions must be positive"),
-    ("[eval]\nfmt = \"xml\"\n", "[eval] fmt = 'xml'; use one of qa, plain, chat"),
-    ("[study]\ntop_k = 0\n", "study.top_k must be positive"),
+    ('[study]\ntop_k = "3"\n', "[study] top_k = '3': expected an integer"),
+    ("[eval]\ntext_docs = -3\n", "[eval]: text_docs must be >= 0 (0 skips CE/KL), got -3"),
+    ("[eval]\nbatch_size = 0\n", "[eval]: batch_size must be positive, got 0"),
+    ('[eval]\niti_placement = "everywhere"\n', "[eval]: iti_placement must be one of iti, all, got 'everywhere'"),
+    ("[study]\nmax_test_questions = 0\n", "[study]: max_test_questions must be positive"),
+    ("[eval]\nfmt = \"xml\"\n", "[eval]: fmt = 'xml' is not a prompt format; use one of qa, plain, chat"),
+    ("[fit]\nfmt = \"xml\"\n", "[fit]: fmt = 'xml' is not a prompt format; use one of qa, plain, chat"),
+    ("[fit]\nwarmup_ratio = 1.0\n", "[fit]: weight_decay must be >= 0 and warmup_ratio in [0, 1)"),
+    ('[study]\nprobe_format = "last"\n', "[study]: probe_format = 'last' is not a probe format; use one of iti_end_q, iti"),
+    ("[study]\ntop_k = 0\n", "[study]: top_k must be positive, got 0"),
+    ("[data]\nseed = -1\n", "[data]: seed (--seed) must be >= 0, got -1"),
     ("[studdy]\ntop_k = 3\n", "unknown table(s) studdy"),
     ("[study]\ntopk = 3\n", "unknown setting(s) topk"),
     ("[study\n", "is not valid TOML"),

@@ -24,7 +24,7 @@ def tiny_preset():
 def run(tmp, name, workers=1):
     import torch
 
-    from locaudit.experiments import run_study
+    from locaudit.study import run_study
 
     lm = make_tiny("llama")
     # one thread, as in every unit test: the module fixture runs before the per-test thread setting, and float
@@ -128,9 +128,9 @@ def test_deferred_judging_equals_inline(study_dir, monkeypatch):
     import torch
 
     from locaudit.evaluation import judges as judges_mod
-    from locaudit.experiments import judge_run, run_study
     from locaudit.report import write_report
     from locaudit.storage import read_json
+    from locaudit.study import judge_run, run_study
 
     preset = tiny_preset()
     preset = replace(preset, eval=replace(preset.eval, judge="none"))
@@ -182,8 +182,8 @@ def test_judging_a_partial_deferred_run(study_dir, monkeypatch):
     import shutil
 
     from locaudit.evaluation import judges as judges_mod
-    from locaudit.experiments import judge_run
     from locaudit.storage import read_json
+    from locaudit.study import judge_run
 
     src = study_dir / "deferred"
     if not (src / "config.json").is_file():

@@ -116,7 +116,7 @@ def fit_edit(lm: LoadedModel, task: Task | str, units: UnitSet | HeadSet | str |
     alignment) for `task`, trained on its training items and early-stopped on its validation items (`FitConfig`:
     tau, steps, patience); returns the `training.FitResult` (`.edit` is the fitted edit, `.status` says whether it
     converged)."""
-    from locaudit.experiments import fit_optimal_edit
+    from locaudit.methods import fit_optimal_edit
 
     task = load_task(task)
     if isinstance(units, str):

@@ -15,16 +15,29 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from locaudit.data.examples import preference_pairs
 from locaudit.errors import LocauditError
-from locaudit.models import LoadedModel
+from locaudit.evaluation import judges as judges_mod
+from locaudit.evaluation import metrics
+from locaudit.evaluation.lm_metrics import text_metrics_for
+from locaudit.interventions import load_intervention
+from locaudit.methods import EditSource
+from locaudit.models import DEFAULT_MODEL, LoadedModel
+from locaudit.probes import ProbeResult
+from locaudit.stages import load
+from locaudit.storage import atomic_write_json, read_json
+from locaudit.study.plan import Arm, Preset, StudySettings, edit_dir, select_value, trial_path
+from locaudit.training import fit_summary
 
-STAGE_OF = {"none": "baseline", "iti": "iti", "ipo": "ipo_eval", "full": "ipo_eval"}
-STAGES = ("iti", "ipo_train", "ipo_eval", "baseline")  # the per-arm stages whose seconds are summed
+# the per-arm stages whose seconds are summed: each method's evaluation stage (`Method.stage`) and "ipo_train",
+# the time of every fit
+STAGES = ("iti", "ipo_train", "ipo_eval", "baseline")
 
 
 def available_cores() -> int:
@@ -43,10 +56,10 @@ def default_workers(device: torch.device) -> int:
 class StudyContext:
     """Everything an arm needs: built once in the main process, or rebuilt in each worker (`load`)."""
 
-    preset: object
+    preset: Preset
     out: Path
     lm: LoadedModel
-    probes: object
+    probes: ProbeResult
     judges: tuple | None  # None: judge "none" (answers stored, scored later by `judge_run`)
     text: object | None
     split: object
@@ -70,18 +83,15 @@ class ArmRunner:
     """Runs arms in the current process: `run(arm)` -> (arm name, selected value, stage seconds, trials)."""
 
     def __init__(self, ctx: StudyContext, progress: bool = False):
-        from locaudit.data.examples import preference_pairs
-
         self.ctx = ctx
         self.progress = progress
-        self.train_pairs = preference_pairs(ctx.split.train)
-        self.val_pairs = preference_pairs(ctx.split.val)
+        self.source = EditSource(ctx.lm, probes=ctx.probes, placement=ctx.preset.eval.iti_placement,
+                                 train_pairs=preference_pairs(ctx.split.train), val_pairs=preference_pairs(ctx.split.val),
+                                 fit=ctx.preset.fit, seed=ctx.preset.data.seed, progress=progress)
 
-    def run(self, arm) -> tuple[str, float | None, dict[str, float], int]:
-        from locaudit.study import grid, select_value
-
+    def run(self, arm: Arm) -> tuple[str, float | None, dict[str, float], int]:
         seconds = dict.fromkeys(STAGES, 0.0)
-        values = grid(arm, self.ctx.preset.study)
+        values = arm.grid(self.ctx.preset.study)
         n = 0
         if len(values) > 1:
             val_rows = [self._trial(arm, v, "val", seconds) for v in values]
@@ -96,17 +106,11 @@ class ArmRunner:
         self._trial(arm, chosen, "test", seconds)
         return arm.name, chosen, seconds, n + 1
 
-    def _edit(self, arm, value, seconds):
-        from locaudit.experiments import fit_optimal_edit
-        from locaudit.interventions import ITI, NoEdit, load_intervention
-        from locaudit.study import edit_dir
-        from locaudit.training import fit_summary
-
+    def _edit(self, arm: Arm, value, seconds):
+        """The arm's edit at `value`: built by its method; a fitted edit is saved under `edits/` and reused."""
         ctx = self.ctx
-        if arm.method == "none":
-            return NoEdit()
-        if arm.method == "iti":
-            return ITI.from_probes(arm.heads, ctx.probes, value, placement=ctx.preset.eval.iti_placement)
+        if not arm.method.needs_fit:
+            return arm.method.build(self.source, arm.heads, value).edit
         d = edit_dir(ctx.out, arm, value)
         if (d / "edit.json").is_file():
             try:
@@ -114,19 +118,13 @@ class ArmRunner:
             except LocauditError:
                 pass  # damaged edit files: refit below
         t = time.time()
-        cfg = replace(ctx.preset.fit, tau=value)
-        result = fit_optimal_edit(ctx.lm, arm.heads, self.train_pairs, self.val_pairs, cfg, seed=ctx.preset.data.seed,
-                                  progress=self.progress)
-        summary = {"model": ctx.lm.name, "edit_label": arm.name, "split_hash": ctx.split.hash, **fit_summary(result)}
-        result.edit.save(d, extra=summary)
+        built = arm.method.build(self.source, arm.heads, value)
+        summary = {"model": ctx.lm.name, "edit_label": arm.name, "split_hash": ctx.split.hash, **fit_summary(built.fit)}
+        built.edit.save(d, extra=summary)
         seconds["ipo_train"] += time.time() - t
-        return result.edit
+        return built.edit
 
-    def _trial(self, arm, value, split_name, seconds) -> dict:
-        from locaudit.evaluation.metrics import evaluate
-        from locaudit.storage import atomic_write_json, read_json
-        from locaudit.study import edit_dir, trial_path
-
+    def _trial(self, arm: Arm, value, split_name, seconds) -> dict:
         ctx = self.ctx
         path = trial_path(ctx.out, arm, value, split_name)
         if path.is_file():
@@ -140,45 +138,44 @@ class ArmRunner:
         # validation trials select the hyper-parameter (by True*Info); MC and CE/KL only on test trials unless the
         # preset asks for trade-off curves over the grid (eval.val_side_metrics)
         side = split_name == "test" or ev.val_side_metrics
-        m = evaluate(ctx.lm, edit, ctx.val_q if split_name == "val" else ctx.test_q, ev.fmt, judges=ctx.judges,
-                     mc=ev.mc and side, text_metrics=ctx.text if side else None,
-                     batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, edit_name=arm.name, progress=False)
+        m = metrics.evaluate(ctx.lm, edit, ctx.val_q if split_name == "val" else ctx.test_q, ev.fmt,
+                             judges=ctx.judges, mc=ev.mc and side, text_metrics=ctx.text if side else None,
+                             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, edit_name=arm.name,
+                             progress=False)
         fit_seconds = 0.0
-        if arm.method in ("ipo", "full"):
+        method = arm.method
+        if method.needs_fit:
             meta = read_json(edit_dir(ctx.out, arm, value) / "edit.json")
             fit_seconds = meta.get("seconds", 0.0)
             m["fit"] = {k: meta.get(k) for k in ("best", "val_start", "n_train_pairs", "n_val_pairs", "seconds",
                                                  "status", "steps", "attempts", "val_curve")}
             m["fit"]["lr"] = (meta.get("config") or {}).get("lr")
-        m.update({"arm": arm.name, "group": arm.group, "method": arm.method,
-                  "heads": "all" if arm.heads is None and arm.method == "full" else ("" if arm.heads is None else arm.heads.spec()),
-                  "alpha": value if arm.method == "iti" else None,
-                  "tau": value if arm.method in ("ipo", "full") else None,
+        heads = "all" if method.scope == "all" else ("" if arm.heads is None else arm.heads.spec())
+        m.update({"arm": arm.name, "group": arm.group, "method": method.name, "heads": heads,
+                  "alpha": value if method.hyper == "alpha" else None,
+                  "tau": value if method.hyper == "tau" else None,
                   "split": split_name, "eval_seconds": time.time() - t, "fit_seconds": fit_seconds})
-        seconds[STAGE_OF[arm.method]] += time.time() - t
+        seconds[method.stage] += time.time() - t
         atomic_write_json(path, m)
         return m
 
 
-def trial_count(arm, study, deferred: bool) -> int:
-    from locaudit.study import grid
-
-    n = len(grid(arm, study))
+def trial_count(arm: Arm, study: StudySettings, deferred: bool) -> int:
+    n = len(arm.grid(study))
     return (n if n > 1 else 0) + (n if deferred else 1)
 
 
-def run_arms(ctx: StudyContext, arms: list, workers: int, progress: bool = True,
+def run_arms(ctx: StudyContext, arms: list[Arm], workers: int, progress: bool = True,
              judge_spec: object = None) -> tuple[dict, dict[str, float]]:
     """Run every arm (skipping finished trials); returns ({arm: selected value}, summed stage seconds).
     `workers` > 1 runs arms in that many single-thread processes (CPU); each rebuilds the context from the run
     directory, the cached model and judges (or unpickles the in-memory model and judges it is given)."""
-    from tqdm.auto import tqdm
-
     seconds = dict.fromkeys(STAGES, 0.0)
     selections: dict = {}
-    # longest arms first (a fit, then evaluation; then ITI's validation and test trials; the baseline last), so
-    # that parallel workers finish together instead of one running the last long arm alone
-    arms = sorted(arms, key=lambda a: {"full": 0, "ipo": 1, "iti": 2}.get(a.method, 3))
+    # costliest arms first (`Method.cost`: full alignment's fits, then the localized fits, ITI's validation and
+    # test trials, the baseline last), so that parallel workers finish together instead of one running the last
+    # long arm alone
+    arms = sorted(arms, key=lambda a: -a.method.cost)
     bar = tqdm(total=sum(trial_count(a, ctx.preset.study, ctx.deferred) for a in arms), desc="study trials",
                disable=not progress)
 
@@ -233,8 +230,6 @@ class _cpu_threads:
 def _portable(lm: LoadedModel):
     """What a worker needs to get the model: its spec (reloaded from the local cache), or the in-memory model
     itself when it has no spec to load from (a model built in memory, e.g. in tests)."""
-    from locaudit.models import DEFAULT_MODEL
-
     name = str(lm.name)
     if name == DEFAULT_MODEL or os.path.exists(name) or "/" in name:
         return None
@@ -245,10 +240,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(preset, out, lm, judge_spec, deferred) -> None:
-    from locaudit.evaluation.lm_metrics import text_metrics_for
-    from locaudit.experiments import load
-    from locaudit.probes import ProbeResult
-
     torch.set_num_threads(1)
     lm = lm or load(preset.model)
     if deferred:
@@ -256,9 +247,7 @@ def _worker_init(preset, out, lm, judge_spec, deferred) -> None:
     elif judge_spec is not None and not isinstance(judge_spec, str):
         judges = judge_spec  # judge objects handed over by the caller
     else:
-        from locaudit.evaluation.judges import load_judges
-
-        judges = load_judges(judge_spec or preset.eval.judge, data_dir=preset.data.data_dir, progress=False)
+        judges = judges_mod.load_judges(judge_spec or preset.eval.judge, data_dir=preset.data.data_dir, progress=False)
     ev = preset.eval
     text = text_metrics_for(lm, ev.text_source, n_docs=ev.text_docs, max_tokens=ev.text_tokens,
                             batch_size=ev.batch_size) if ev.text_docs > 0 else None

@@ -1,4 +1,5 @@
-"""The study's plan as data: presets (TOML files), arms and trials.
+"""The study's plan as data: presets (TOML files, loaded into frozen dataclasses that check themselves), arms
+and trials.
 
 A *trial* is one arm at one hyper-parameter on one split: (arm, method, heads, alpha|tau, split). Its
 result is a JSON file whose path is derived from the trial alone, so resume, reports and statistics all
@@ -7,16 +8,21 @@ read the store and nothing recomputes what is stored.
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from locaudit.config import DataConfig, ModelConfig
+from locaudit.data.examples import PROBE_FORMATS
+from locaudit.data.formats import FORMATS
 from locaudit.errors import LocauditError
 from locaudit.heads import Head, HeadSet, all_heads, random_heads, single_head
+from locaudit.interventions import PLACEMENTS
+from locaudit.methods import METHODS, Method
 from locaudit.training import FitConfig
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 
 
 @dataclass(frozen=True)
@@ -37,15 +43,24 @@ class StudySettings:
     def __post_init__(self):
         for name in ("top_k", "n_boot"):
             if getattr(self, name) <= 0:
-                raise LocauditError(f"study.{name} must be positive, got {getattr(self, name)}")
+                raise LocauditError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("n_random_sets", "n_single"):
             if getattr(self, name) < 0:
-                raise LocauditError(f"study.{name} must be >= 0, got {getattr(self, name)}")
+                raise LocauditError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_val_questions", "max_test_questions"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LocauditError(f"{name} must be positive (or left out: every question), got {getattr(self, name)}")
         if not self.alphas or not self.taus:
-            raise LocauditError("study.alphas and study.taus need at least one value each")
+            raise LocauditError("alphas and taus need at least one value each")
+        for a in self.alphas:
+            if not math.isfinite(a):
+                raise LocauditError(f"every alpha must be a finite number, got {a}")
         for t in self.taus:
             if not t > 0:
                 raise LocauditError(f"every tau must be > 0, got {t}")
+        if self.probe_format not in PROBE_FORMATS:
+            raise LocauditError(f"probe_format = {self.probe_format!r} is not a probe format; use one of "
+                                f"{', '.join(PROBE_FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -66,10 +81,15 @@ class EvalSettings:
     val_side_metrics: bool = False
 
     def __post_init__(self):
-        from locaudit.interventions import PLACEMENTS
-
         if self.iti_placement not in PLACEMENTS:
-            raise LocauditError(f"eval.iti_placement must be one of {', '.join(PLACEMENTS)}, got {self.iti_placement!r}")
+            raise LocauditError(f"iti_placement must be one of {', '.join(PLACEMENTS)}, got {self.iti_placement!r}")
+        if self.fmt not in FORMATS:
+            raise LocauditError(f"fmt = {self.fmt!r} is not a prompt format; use one of {', '.join(FORMATS)}")
+        for name in ("max_new_tokens", "batch_size", "text_tokens"):
+            if getattr(self, name) <= 0:
+                raise LocauditError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.text_docs < 0:
+            raise LocauditError(f"text_docs must be >= 0 (0 skips CE/KL), got {self.text_docs}")
 
 
 @dataclass(frozen=True)
@@ -82,20 +102,49 @@ class Preset:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
-def _build(cls, table: dict, where: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - names)
+def _type_ok(value, annotation: str) -> bool:
+    """Whether a value read from TOML or JSON matches a dataclass field's (string) annotation: int, float, str,
+    bool, `X | None`, `tuple[float, ...]`."""
+    annotation = annotation.replace(" ", "")
+    if annotation.endswith("|None"):
+        return value is None or _type_ok(value, annotation[: -len("|None")])
+    if annotation.startswith("tuple[") and annotation.endswith(",...]"):
+        return isinstance(value, tuple) and all(_type_ok(v, annotation[6:-5]) for v in value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "str":
+        return isinstance(value, str)
+    return True
+
+
+_WANT = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false",
+         "tuple[float, ...]": "a list of numbers, e.g. [5.0, 15.0]"}
+
+
+def build_settings(cls, table: dict, where: str):
+    """One settings dataclass from a table of a preset file (or of a run's config.json): unknown names and
+    values of the wrong type are refused here (TOML can give text where a number belongs); ranges and choices
+    are the dataclass's own checks, reported with `where` (file and table) in front."""
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(names))
     if unknown:
         raise LocauditError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    for k, v in kw.items():
+        annotation = str(names[k].type)
+        if not _type_ok(v, annotation):
+            base = annotation.replace(" | None", "")
+            raise LocauditError(f"{where} {k} = {v!r}: expected {_WANT.get(base, base)}; fix it in that file")
     try:
         return cls(**kw)
-    except TypeError as e:
+    except LocauditError as e:
         raise LocauditError(f"{where}: {e}") from None
 
 
@@ -116,11 +165,11 @@ def load_preset(name_or_path: str) -> Preset:
         raise LocauditError(f"{path}: unknown table(s) {', '.join(unknown)}; use model, data, study, fit, eval")
     return Preset(
         name=path.stem,
-        model=_build(ModelConfig, table.get("model", {}), f"{path} [model]"),
-        data=_build(DataConfig, table.get("data", {}), f"{path} [data]"),
-        study=_build(StudySettings, table.get("study", {}), f"{path} [study]"),
-        fit=_build(FitConfig, table.get("fit", {}), f"{path} [fit]"),
-        eval=_build(EvalSettings, table.get("eval", {}), f"{path} [eval]"),
+        model=build_settings(ModelConfig, table.get("model", {}), f"{path} [model]"),
+        data=build_settings(DataConfig, table.get("data", {}), f"{path} [data]"),
+        study=build_settings(StudySettings, table.get("study", {}), f"{path} [study]"),
+        fit=build_settings(FitConfig, table.get("fit", {}), f"{path} [fit]"),
+        eval=build_settings(EvalSettings, table.get("eval", {}), f"{path} [eval]"),
     )
 
 
@@ -129,38 +178,35 @@ class Arm:
     """One edited (or unedited) configuration whose best hyper-parameter is chosen on validation."""
 
     name: str  # e.g. iti-top16, ipo-random16-s3, full, ipo-single-L4H2, baseline
-    method: str  # none | iti | ipo | full
+    method: Method  # one of `methods.METHODS`
     group: str  # baseline | top | random | full | all-heads | single-random | single-best
     heads: HeadSet | None
 
-    @property
-    def grid_name(self) -> str | None:
-        return {"iti": "alpha", "ipo": "tau", "full": "tau"}.get(self.method)
+    def grid(self, study: StudySettings) -> tuple[float | None, ...]:
+        """The hyper-parameter values this arm tries on validation."""
+        return self.method.grid(study)
 
 
 def plan_arms(study: StudySettings, ranking: list[Head], n_layers: int, n_heads: int, seed: int) -> list[Arm]:
     """Every arm of the paper's protocol, in run order. Random sets are `random_heads(K, seed + i)`; single
     heads are the distinct heads of `random_heads(n_single, seed + 10_000)` plus the best probe head."""
+    none, iti, ipo, full = (METHODS[k] for k in ("none", "iti", "ipo", "full"))
     top = HeadSet(tuple(ranking[: study.top_k]), f"top{study.top_k}")
     randoms = [random_heads(study.top_k, seed + i, n_layers, n_heads) for i in range(study.n_random_sets)]
-    arms = [Arm("baseline", "none", "baseline", None), Arm(f"iti-{top.label}", "iti", "top", top)]
-    arms += [Arm(f"iti-{r.label}", "iti", "random", r) for r in randoms]
-    arms += [Arm(f"ipo-{top.label}", "ipo", "top", top)]
-    arms += [Arm(f"ipo-{r.label}", "ipo", "random", r) for r in randoms]
-    arms += [Arm("full", "full", "full", None)]
+    arms = [Arm("baseline", none, "baseline", None), Arm(f"iti-{top.label}", iti, "top", top)]
+    arms += [Arm(f"iti-{r.label}", iti, "random", r) for r in randoms]
+    arms += [Arm(f"ipo-{top.label}", ipo, "top", top)]
+    arms += [Arm(f"ipo-{r.label}", ipo, "random", r) for r in randoms]
+    arms += [Arm("full", full, "full", None)]
     if study.all_heads_arm:
-        arms += [Arm("ipo-allheads", "ipo", "all-heads", all_heads(n_layers, n_heads))]
+        arms += [Arm("ipo-allheads", ipo, "all-heads", all_heads(n_layers, n_heads))]
     best = single_head(ranking[0])
-    arms += [Arm(f"ipo-{best.label}", "ipo", "single-best", best)]
+    arms += [Arm(f"ipo-{best.label}", ipo, "single-best", best)]
     if study.n_single:
         for h in random_heads(study.n_single, seed + 10_000, n_layers, n_heads):
             if h != ranking[0]:
-                arms.append(Arm(f"ipo-{single_head(h).label}", "ipo", "single-random", single_head(h)))
+                arms.append(Arm(f"ipo-{single_head(h).label}", ipo, "single-random", single_head(h)))
     return arms
-
-
-def grid(arm: Arm, study: StudySettings) -> tuple[float | None, ...]:
-    return {"alpha": study.alphas, "tau": study.taus}.get(arm.grid_name, (None,))
 
 
 def select_value(values: tuple[float | None, ...], val_rows: list[dict]) -> float | None:
@@ -170,7 +216,7 @@ def select_value(values: tuple[float | None, ...], val_rows: list[dict]) -> floa
 
 
 def trial_path(run_dir: Path, arm: Arm, value: float | None, split: str) -> Path:
-    hp = "none" if value is None else f"{arm.grid_name}{value:g}"
+    hp = "none" if value is None else f"{arm.method.hyper}{value:g}"
     return Path(run_dir) / "trials" / arm.name / f"{hp}.{split}.json"
 
 
