@@ -223,7 +223,8 @@ def cmd_audit(args) -> None:
 
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, seed=args.seed)
-    parse_heads(args.heads)  # head-name syntax fails now, before the model is loaded
+    if not args.heads.strip().lower().startswith("probe:"):
+        parse_heads(args.heads)  # head-name syntax fails now, before the model is loaded
     if args.task == "truthfulqa":
         task = TruthfulQATask(data_dir=preset.data.data_dir, fmt=preset.eval.fmt, judge=preset.eval.judge,
                               max_new_tokens=preset.eval.max_new_tokens)
@@ -352,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="audit a localization claim: the optimal edit at the claimed heads vs random "
                                      "head sets of the same size and full alignment, on any task")
-    p.add_argument("--heads", required=True, help="the claim, e.g. L12H3,L14H1")
+    p.add_argument("--heads", required=True, help="the claim, e.g. L12H3,L14H1, or probe:K for the top K heads of "
+                                                  "probes trained on the task (ITI's heuristic)")
     p.add_argument("--task", required=True, help="truthfulqa, caa:<behaviour> (sycophancy, refusal, survival-instinct, "
                                                  "corrigibility, myopic-reward, hallucination, coordinate-other-ais), "
                                                  "or a preference .jsonl file (TRL format)")

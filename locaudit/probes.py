@@ -105,3 +105,17 @@ def probe_heads(lm, split, probe_format: str = "iti_end_q", seed: int = 0, batch
     y = np.array([e.label for e in train] + [e.label for e in val])
     n = len(train)
     return train_probes(acts[:n], y[:n], acts[n:], y[n:], seed=seed, progress=progress)
+
+
+def probe_task(lm, task, split, seed: int = 0, batch_size: int = 16, progress: bool = True) -> ProbeResult:
+    """ITI's probing heuristic on any task: a probe per head on the last-token head output of prompt + preferred
+    answer (label 1) vs prompt + dispreferred answer (label 0), trained on the task's training items and scored on
+    its validation items; `ProbeResult.top(k)` is the claim such a study would make."""
+    from locaudit.activations import cached_activations
+
+    train = task.probe_examples(split.train, seed=seed, lm=lm)
+    val = task.probe_examples(split.val, seed=seed + 1, lm=lm)
+    acts = cached_activations(lm, [e.text for e in train] + [e.text for e in val], batch_size, progress)
+    y = np.array([e.label for e in train] + [e.label for e in val])
+    n = len(train)
+    return train_probes(acts[:n], y[:n], acts[n:], y[n:], seed=seed, progress=progress)

@@ -164,3 +164,23 @@ def test_spread_behaviour_is_not_singled_out(tmp_path):
     assert len(randoms) >= 15
     assert np.median(randoms) > res.row("none")["value"] + 0.3  # random heads move the behaviour too
     assert res.null.p_rank > 0.05 and res.strength != "singled-out"
+
+
+def test_probe_claim_is_the_top_heads_of_task_probes(tmp_path):
+    from locaudit.audit.run import resolve_claim
+    from locaudit.probes import probe_task
+    from locaudit.tasks import load_task
+
+    lm = make_tiny("gpt2")
+    task = load_task(write_pairs(tmp_path / "p.jsonl"))
+    split = task.split(0)
+    claim = resolve_claim("probe:3", lm, task, split, AuditConfig(), tmp_path / "o")
+    ref = probe_task(lm, task, split, progress=False)
+    assert list(claim.heads) == list(ref.top(3).heads)
+    order = np.argsort(-ref.val_acc.reshape(-1), kind="stable")[:3]
+    assert sorted((h.layer * lm.arch.n_heads + h.head) for h in claim.heads) == sorted(order.tolist()) or \
+        min(ref.val_acc[h.layer, h.head] for h in claim.heads) >= np.sort(ref.val_acc.reshape(-1))[-3]
+    assert (tmp_path / "o" / "probes" / "probes.npz").is_file()
+    for bad in ("probe:0", "probe:x", f"probe:{lm.arch.n_total_heads + 1}"):
+        with pytest.raises(LocauditError, match="probe:K"):
+            resolve_claim(bad, lm, task, split, AuditConfig())

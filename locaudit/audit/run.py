@@ -214,6 +214,29 @@ def _trial_line(k: int, n: int, arm: Arm, tau: float | None, r: dict, primary: s
     return " ".join(parts)
 
 
+def resolve_claim(claim: HeadSet | str, lm: LoadedModel, task: Task, split: TaskSplit, cfg: AuditConfig,
+                  out: Path | None = None, progress: bool = False) -> HeadSet:
+    """The claim as a HeadSet: given heads, names like "L12H3,L14H1", or "probe:K", the top K heads of ITI-style
+    probes trained on the task's training items and ranked by accuracy on its validation items (the heuristic
+    claim such a study would make; the probes are written under `out/probes`)."""
+    from locaudit.probes import probe_task
+
+    a = lm.arch
+    if isinstance(claim, HeadSet):
+        return claim.validate(a.n_layers, a.n_heads)
+    text = claim.strip()
+    if not text.lower().startswith("probe:"):
+        return parse_heads(text, a.n_layers, a.n_heads)
+    k = text.partition(":")[2].strip()
+    if not k.isdigit() or not 0 < int(k) <= a.n_total_heads:
+        raise LocauditError(f"claim {text!r}: give probe:K with K a number of heads from 1 to {a.n_total_heads}")
+    result = probe_task(lm, task, split, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    if out is not None:
+        result.save(out / "probes")
+    top = result.top(int(k))
+    return HeadSet(top.heads, f"probe-top{k}")
+
+
 def _config_record(lm: LoadedModel, task: Task, claim: HeadSet, cfg: AuditConfig) -> dict:
     return {"version": AUDIT_VERSION, "model": lm.name, "task": task.spec(), "claim": claim.names,
             "config": json.loads(json.dumps(asdict(cfg)))}
@@ -235,13 +258,13 @@ def audit(claim: HeadSet | str, task: Task | str, out: str | Path, config: Audit
     if not isinstance(lm, LoadedModel):
         lm = load_model(lm) if lm is not None else load_model()
     a = lm.arch
-    claim = parse_heads(claim, a.n_layers, a.n_heads) if isinstance(claim, str) else claim.validate(a.n_layers, a.n_heads)
+    split = task.split(cfg.seed, cfg.limit_items)
+    claim = resolve_claim(claim, lm, task, split, cfg, out, progress)
     record = _config_record(lm, task, claim, cfg)
     prev = out / "audit.json"
     if prev.is_file() and read_json(prev) != record:
         raise LocauditError(f"{out} holds an audit with different settings; give a new output directory or the same settings")
     atomic_write_json(prev, record)
-    split = task.split(cfg.seed, cfg.limit_items)
     run = AuditRun(lm, task, claim, cfg, out, split, progress)
     arms = plan(claim, a.n_layers, a.n_heads, cfg)
     trials: dict[str, list[dict]] = {}
