@@ -1,4 +1,4 @@
-"""Learning-rate sweep for the optimal edit on SmolLM2-135M (the README's "Tuning" table).
+"""Learning-rate sweep for the optimal edit on SmolLM2-135M (the "Tuning" table of docs/method.md).
 
 usage: python -m bench.lr_sweep FORMAT KIND:LR [KIND:LR ...]   with KIND in loc (16 random heads, seed 0),
 one (one random head, seed 3), full (full rank-1 LoRA); e.g. `python -m bench.lr_sweep plain loc:3e-2 full:3e-2`.

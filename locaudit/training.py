@@ -37,7 +37,7 @@ OBJECTIVES = ("ipo", "dpo")
 class FitConfig:
     """Hyper-parameters of one fit. `lr=None` picks the learning rate from the size of the head set
     (`default_lr`): `lr_one` for one head, `lr_k16` for 16, `lr_all` for all heads or full LoRA. The defaults
-    are tuned for SmolLM2-135M (README, "Tuning"); the paper's Alpaca-7B values (2e-3, 5e-4, 1e-4) are in the
+    are tuned for SmolLM2-135M (docs/method.md, "Tuning"); the paper's Alpaca-7B values (2e-3, 5e-4, 1e-4) are in the
     `paper` preset."""
 
     objective: str = "ipo"
