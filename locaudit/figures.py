@@ -134,3 +134,83 @@ def audit_null(random_values: Sequence[float], claim: float, base: float, full: 
     ax.set_title(title or "Optimal edit: claim vs random sets of the same size")
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def paired_differences(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Per test question, the claim's (S*'s) judge scores minus another arm's, one row per comparison: `rows` are
+    {"label", "kind" (random | full), "truth_p": [...], "info_p": [...]}. Left: truth, right: informativeness;
+    each dot is one question, the black bar is the mean difference, and 0 (no difference) is the dashed line."""
+    metrics = (("truth_p", "judge's p(true)"), ("info_p", "judge's p(informative)"))
+    n = len(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 1.1 + 0.34 * max(n, 2)), sharey=True, squeeze=False)
+    rng = np.random.default_rng(0)  # vertical jitter only, so dots at equal differences stay visible
+    for ax, (key, name) in zip(axes[0], metrics):
+        for i, r in enumerate(rows):
+            d = np.asarray(r[key], float)
+            color = "C0" if r["kind"] == "full" else "0.45"
+            ax.scatter(d, i + rng.uniform(-0.18, 0.18, d.size), s=10, color=color, alpha=0.55, lw=0)
+            if d.size:
+                ax.plot([d.mean()] * 2, [i - 0.32, i + 0.32], color="k", lw=2)
+        ax.axvline(0, color="crimson", ls="--", lw=1)
+        ax.set_xlabel(f"S* minus comparison: {name}")
+        ax.grid(axis="x", color="0.9")
+    axes[0][0].set_yticks(range(n), [r["label"] for r in rows], fontsize=8)
+    axes[0][0].set_ylim(n - 0.5, -0.5)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+FIT_STYLES = {"converged": "-", "step_cap": "--", "fixed_schedule": "--", "stuck": ":"}
+
+
+def fit_curves(fits: Sequence[dict], path: Path, title: str, ncols: int = 5) -> Path:
+    """Every fit's training curve as small multiples, one panel per arm and one colour per tau. `fits` are
+    {"arm", "tau", "status", "selected", "train": [[step, loss]], "val": [[step, loss]], "best_step"}.
+
+    Losses are divided by the fit's validation loss at step 0 (the unedited model: IPO's (1 / (2 tau))^2), so
+    every tau starts at 1 and one panel holds them all; a fit that learned ends below 1. Thin lines: training
+    batches; dots: validation; star: the kept checkpoint; line style: how the fit ended; bold: the tau chosen
+    on validation."""
+    arms = list(dict.fromkeys(f["arm"] for f in fits))
+    taus = sorted({f["tau"] for f in fits})
+    ncols = max(1, min(ncols, len(arms)))
+    nrows = -(-len(arms) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 0.9 + 1.85 * nrows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(arms):]:
+        ax.set_visible(False)
+    for ax, arm in zip(axes.flat, arms):
+        chosen = None
+        for f in (f for f in fits if f["arm"] == arm):
+            start = f["val"][0][1] if f["val"] and f["val"][0][0] == 0 and f["val"][0][1] > 0 else 1.0
+            color = f"C{taus.index(f['tau']) % 10}"
+            ls = FIT_STYLES.get(f["status"], "-.")
+            lw = 1.8 if f["selected"] else 1.0
+            if f["train"]:
+                ax.plot([s for s, _ in f["train"]], [v / start for _, v in f["train"]], color=color, lw=0.6, alpha=0.45, ls=ls)
+            if f["val"]:
+                ax.plot([s for s, _ in f["val"]], [v / start for _, v in f["val"]], color=color, lw=lw, ls=ls, marker="o", ms=2.5)
+                best = [v for s, v in f["val"] if s == f["best_step"]]
+                if best:
+                    ax.plot([f["best_step"]], [best[0] / start], marker="*", ms=8, color=color, mec="k", mew=0.5, ls="")
+            if f["selected"]:
+                chosen = f
+        ax.axhline(1.0, color="0.6", lw=0.6)
+        ax.set_title(arm, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if chosen is not None:
+            ax.text(0.03, 0.04, f"tau {chosen['tau']:g}: {chosen['status'].replace('_', ' ')}", transform=ax.transAxes,
+                    fontsize=7, color="crimson" if chosen["status"] == "stuck" else "0.25")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("loss / start", fontsize=7)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("step", fontsize=7)
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", lw=1.8, label=f"tau {t:g}") for i, t in enumerate(taus)]
+    handles += [plt.Line2D([], [], color="0.3", ls=ls, label=s.replace("_", " "))
+                for s, ls in FIT_STYLES.items() if s != "fixed_schedule" and any(f["status"] == s for f in fits)]
+    handles += [plt.Line2D([], [], color="0.3", lw=0.6, alpha=0.6, label="training batches"),
+                plt.Line2D([], [], color="0.3", marker="o", ms=3, label="validation"),
+                plt.Line2D([], [], color="0.3", marker="*", ms=8, ls="", mec="k", label="kept checkpoint")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 * ncols), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -36,7 +36,7 @@ def _ci(arms: dict, name: str) -> str:
     return f"[{lo:.3f}, {hi:.3f}], n={arms[name]['n_questions']} questions"
 
 
-def _separates(t: dict) -> tuple[str, str]:
+def separates(t: dict) -> tuple[str, str]:
     """Whether S* is singled out in a null test: by the rank test, as the verdicts read it."""
     if t["n_random"] == 0:
         return "inconclusive", "no random sets were evaluated"
@@ -53,7 +53,7 @@ def _iti_special(st: dict, tests: dict):
     if "iti" not in st:
         return None
     t = st["iti"]["test"]
-    sep, why = _separates(t)
+    sep, why = separates(t)
     verdict = {"yes": "replicates", "no": "does not replicate", "unclear": "inconclusive", "inconclusive": "inconclusive"}[sep]
     return _null_text(t) + f"; S* {_ci(st['arms'], st['iti']['top_arm'])}", verdict, why
 
@@ -63,7 +63,7 @@ def _mc2_special(method: str):
         m = st.get(method, {}).get("side_metrics", {}).get("mc2")
         if m is None:
             return None
-        sep, why = _separates(m)
+        sep, why = separates(m)
         ci = f", S* 95% CI [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]" if m.get("ci") else ""
         if method == "iti":
             verdict = {"yes": "replicates", "no": "does not replicate"}.get(sep, "inconclusive")
@@ -78,7 +78,7 @@ def _ipo_random_as_good(st: dict, tests: dict):
         return None
     t = st["ipo"]["test"]
     n_ge = sum(s >= t["target"] for s in st["ipo"]["random_scores"])
-    sep, why = _separates(t)
+    sep, why = separates(t)
     measured = _null_text(t) + f"; {n_ge} of {t['n_random']} random sets score at least S*'s True*Info"
     if sep == "yes":
         return measured, "does not replicate", why + ": here the probe heads are special"

@@ -3,19 +3,17 @@ saved trials (`locaudit report DIR`), never from memory."""
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
-from locaudit import figures, replication, stats
+from locaudit import figures, replication, report_html, stats
 from locaudit.errors import LocauditError
 from locaudit.heads import parse_head
 from locaudit.methods import METHODS, method_of, value_of
+from locaudit.report_html import Figure
 from locaudit.storage import atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = ["arm", "heads", "method", "alpha", "tau", "split", "truth", "info", "truth_info", "mc1", "mc2", "ce", "kl",
@@ -48,14 +46,6 @@ def selected_tests(trials: list[dict], selections: dict, run_dir: Path) -> dict[
 def _per_q(row: dict) -> tuple[np.ndarray, np.ndarray]:
     pq = row["per_question"]
     return np.asarray(pq["truth_p"], float), np.asarray(pq["info_p"], float)
-
-
-def _fmt(v, nd=3) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "" if not np.isfinite(v) else f"{v:.{nd}f}"
-    return str(v)
 
 
 def fit_status(row: dict) -> str | None:
@@ -185,13 +175,88 @@ def console_summary(run_dir: Path, results: dict) -> str:
     return "\n".join(lines)
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+SCHEMA_VERSION = 1  # of results.json; docs/results.md describes every key (and results.csv's columns)
+
+# per-question scores whose differences the paired figure shows (stored in each trial's per_question)
+PAIRED_SCORES = ("truth_p", "info_p")
+
+
+def strict_json(obj):
+    """`obj` with every non-finite float (a t-test on one random set, an undefined ratio) as None, so that
+    results.json is standard JSON that any parser reads (Python would otherwise write NaN)."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def paired_differences(tests: dict[str, dict], st: dict) -> dict:
+    """Per test question, S*'s judge scores minus each random set's in the null (stuck fits left out, as in
+    the null) and minus full alignment's, for each method that edits S*:
+    {method: {"claim": arm, "qid": [...], "minus": {arm: {"truth_p": [...], "info_p": [...]}}}}, questions in
+    the claim's order and matched by qid (every arm is scored on the same test questions)."""
+    out = {}
+    for m in LOCATED:
+        if m.name not in st:
+            continue
+        claim = tests[st[m.name]["top_arm"]]
+        others = sorted((r for r in tests.values() if r["method"] == m.name and r["group"] == "random"
+                         and r["arm"] not in st[m.name]["excluded_stuck"]), key=lambda r: r["arm"])
+        if "full" in tests:
+            others.append(tests["full"])
+        qid = _qids(claim)
+        minus = {}
+        for r in others:
+            where = {q: i for i, q in enumerate(_qids(r))}
+            if set(where) != set(qid):
+                raise LocauditError(f"arms {claim['arm']} and {r['arm']} were scored on different test questions; "
+                                    f"rerun the study into a fresh --out directory")
+            minus[r["arm"]] = {k: [float(claim["per_question"][k][i]) - float(r["per_question"][k][where[q]])
+                                   for i, q in enumerate(qid)] for k in PAIRED_SCORES}
+        out[m.name] = {"claim": claim["arm"], "qid": qid, "minus": minus}
+    return out
+
+
+def _qids(row: dict) -> list:
+    pq = row["per_question"]
+    return list(pq["qid"]) if "qid" in pq else list(range(len(pq["truth_p"])))
+
+
+def fit_records(run_dir: Path, trials: list[dict], selections: dict) -> list[dict]:
+    """Every optimal-edit fit of the run, one per (arm, tau): its training-batch losses and validation losses
+    ([[step, loss]]), kept checkpoint, status and whether validation chose its tau. From each fitted edit's
+    edit.json (train_curve, val_curve); a fit whose edit files are gone keeps its trials' val_curve."""
+    fits: dict[tuple, dict] = {}
+    for meta_path in sorted((Path(run_dir) / "edits").glob("*/*/edit.json")):
+        meta = read_json(meta_path)
+        if "val_curve" not in meta or "edit_label" not in meta:
+            continue  # not a fitted edit of this study (an edit saved by another tool)
+        key = (meta["edit_label"], float(meta["config"]["tau"]))
+        fits[key] = {"train": [list(p) for p in meta.get("train_curve") or []],
+                     "val": [[h["step"], h["val_loss"]] for h in meta["val_curve"]],
+                     "best_step": (meta.get("best") or {}).get("step"), "status": meta.get("status", "unknown")}
+    groups = {}
+    for r in trials:
+        if r.get("fit") and r.get("tau") is not None:
+            key = (r["arm"], float(r["tau"]))
+            groups[r["arm"]] = r["group"]
+            if key not in fits and r["fit"].get("val_curve"):
+                f = r["fit"]
+                fits[key] = {"train": [], "val": [[h["step"], h["val_loss"]] for h in f["val_curve"]],
+                             "best_step": (f.get("best") or {}).get("step"), "status": f.get("status", "unknown")}
+    order = {"top": 0, "full": 1, "all-heads": 2, "single-best": 3, "random": 4, "single-random": 5}
+    out = [{"arm": arm, "tau": tau, **f, "group": groups.get(arm),
+            "selected": selections.get(arm) is not None and float(selections[arm]) == tau}
+           for (arm, tau), f in fits.items()]
+    return sorted(out, key=lambda f: (order.get(f["group"], 6), f["arm"], f["tau"]))
 
 
 def write_report(run_dir: Path) -> dict:
-    """Rebuild results.csv, results.json, figures/ and report.html from `run_dir`; returns results.json."""
+    """Rebuild results.csv, results.json, figures/ and report.html from `run_dir`; returns results.json's
+    content (with NaN where a number is undefined; the file has null there)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise LocauditError(f"{run_dir} is not a locaudit run directory (no config.json); give the --out of `locaudit run`")
@@ -221,36 +286,22 @@ def write_report(run_dir: Path) -> dict:
     probe_acc = np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None
     st = compute_stats(tests, n_boot, probe_acc=probe_acc)
     judge = next((r.get("judge") for r in trials if r.get("judge")), None)
-    results = {"config": config, "run": run, "stats": st, "judge": judge, "replication": replication.replication_rows(st),
+    results = {"schema_version": SCHEMA_VERSION, "config": config, "run": run, "stats": st, "judge": judge,
+               "replication": replication.replication_rows(st), "paired_differences": paired_differences(tests, st),
                "rows": [{k: v for k, v in r.items() if k != "per_question"} for r in trials]}
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(run_dir / "results.json", strict_json(results))
 
-    figs = _figures(run_dir, tests, trials, st, probe_acc)
-    atomic_write_text(run_dir / "report.html", _html(config, run, st, judge, tests, figs, results["replication"]))
+    figs = _figures(run_dir, tests, trials, st, probe_acc, results["paired_differences"], fit_records(run_dir, trials, selections))
+    atomic_write_text(run_dir / "report.html", report_html.page(config, run, st, judge, tests, figs, results["replication"]))
     return results
 
 
-def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc: np.ndarray | None) -> dict[str, Path]:
+def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc: np.ndarray | None, paired: dict,
+             fits: list[dict]) -> list[Figure]:
+    """Draw every figure under figures/ and say where each goes in the report (report_html.SECTIONS)."""
     fdir = run_dir / "figures"
-    out = {}
+    out: list[Figure] = []
     full = tests.get("full", {}).get("truth_info")
-    for method, title in ((m.name, m.label) for m in LOCATED):
-        if method in st:
-            marks = {"S* (probe heads)": tests[st[method]["top_arm"]]["truth_info"]}
-            if full is not None:
-                marks["full alignment"] = full
-            if "baseline" in tests:
-                marks["unedited"] = tests["baseline"]["truth_info"]
-            out[f"hist_{method}"] = figures.null_histogram(st[method]["random_scores"], fdir / f"hist_{method}.png", marks,
-                                                           "True*Info (test)", f"{title}: random head sets vs S*")
-    if "single" in st:
-        marks = {"full alignment": full}
-        if "best_probe_head" in st["single"]:
-            marks["best probe head"] = st["single"]["best_probe_head"]["truth_info"]
-        if "ipo" in st:
-            marks["S* (IPO)"] = tests[st["ipo"]["top_arm"]]["truth_info"]
-        out["hist_single"] = figures.null_histogram(list(st["single"]["scores"].values()), fdir / "hist_single.png", marks,
-                                                    "True*Info (test)", "Optimal edit at single random heads")
     # trade-off curves through each arm's grid on validation questions (every grid value has a validation trial),
     # with every arm whose method has the same hyper-parameter (IPO's curves include full alignment's)
     for method, hp, title in ((m.name, m.hyper, m.label) for m in LOCATED):
@@ -265,121 +316,74 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc
         if any(len(c["points"]) > 1 for c in curves):
             for x, y, name in (("info", "truth", "truth_info"), ("kl", "mc2", "kl_mc2")):
                 if all(p.get(x) is not None for c in curves for p in c["points"]):
-                    out[f"tradeoff_{method}_{name}"] = figures.tradeoff_curves(
-                        curves, x, y, fdir / f"tradeoff_{method}_{name}.png",
-                        f"{title}: {y} vs {x} over the {hp} grid (validation)")
-    if "single" in st and st["single"].get("vs_probe"):
-        out["single_vs_probe"] = figures.effect_vs_probe(st["single"]["vs_probe"], st["single"]["full_ci_low"],
-                                                         fdir / "single_vs_probe.png",
-                                                         "Single heads: optimal edit vs probe accuracy")
-    pts = [{"truth": r["truth"], "info": r["info"], "mc1": r["mc1"], "kl": r["kl"],
-            "method": f"{r['method']}:{r['group']}"} for r in tests.values()]
-    out["truth_info"] = figures.scatter(pts, "info", "truth", fdir / "truth_vs_info.png", "Truth vs informativeness (test)")
-    if any(p["kl"] is not None for p in pts):
-        out["kl_mc1"] = figures.scatter(pts, "kl", "mc1", fdir / "kl_vs_mc1.png", "KL from unedited vs MC1 (test)")
+                    path = figures.tradeoff_curves(curves, x, y, fdir / f"tradeoff_{method}_{name}.png",
+                                                   f"{title}: {y} vs {x} over the {hp} grid (validation)")
+                    out.append(Figure(path, "tradeoff", f"{title} trade-off, {y} vs {x}",
+                                      f"{title} on the validation questions at each {hp} of the grid: {y} against {x}; "
+                                      f"S* in red (labelled with its {hp}), random sets grey"
+                                      + (", full alignment blue." if method == "ipo" and full is not None else ".")))
+    for method, title in ((m.name, m.label) for m in LOCATED):
+        if method in st:
+            marks = {"S* (probe heads)": tests[st[method]["top_arm"]]["truth_info"]}
+            if full is not None:
+                marks["full alignment"] = full
+            if "baseline" in tests:
+                marks["unedited"] = tests["baseline"]["truth_info"]
+            path = figures.null_histogram(st[method]["random_scores"], fdir / f"hist_{method}.png", marks,
+                                          "True*Info (test)", f"{title}: random head sets vs S*")
+            n = st[method]["test"]["n_random"]
+            out.append(Figure(path, "null", f"{title} random null",
+                              f"{title}: True*Info on the test questions at each of {n} random head sets (grey), at "
+                              f"S*, with full alignment and the unedited model for reference."))
+    if "single" in st:
+        marks = {"full alignment": full}
+        if "best_probe_head" in st["single"]:
+            marks["best probe head"] = st["single"]["best_probe_head"]["truth_info"]
+        if "ipo" in st:
+            marks["S* (IPO)"] = tests[st["ipo"]["top_arm"]]["truth_info"]
+        path = figures.null_histogram(list(st["single"]["scores"].values()), fdir / "hist_single.png", marks,
+                                      "True*Info (test)", "Optimal edit at single random heads")
+        out.append(Figure(path, "null", "single heads", "The optimal edit at single random heads, beside S*, the "
+                                                        "head with the best probe and full alignment."))
+    for method, title in ((m.name, m.label) for m in LOCATED):
+        if paired.get(method, {}).get("minus"):
+            d = paired[method]
+            prefix = f"{method}-"
+            rows = [{"label": "full alignment" if arm == "full" else arm.removeprefix(prefix),
+                     "kind": "full" if arm == "full" else "random", **v} for arm, v in d["minus"].items()]
+            rows.sort(key=lambda r: r["kind"] != "full")
+            path = figures.paired_differences(rows, fdir / f"paired_{method}.png",
+                                              f"{title}: S* ({d['claim']}) minus each comparison, per test question")
+            out.append(Figure(path, "paired", f"{title} per-question differences",
+                              f"{title}: for each of {len(d['qid'])} test questions, S*'s judge scores minus those of "
+                              f"each random set in the null and of full alignment (results.json: "
+                              f"paired_differences.{method})."))
+    if fits:
+        path = figures.fit_curves(fits, fdir / "fit_curves.png", "Optimal-edit fits: loss relative to the unedited model")
+        n_arms = len({f["arm"] for f in fits})
+        out.append(Figure(path, "fits", "training curves of every fit",
+                          f"All {len(fits)} fits ({n_arms} arms): training-batch loss (thin) and validation loss (dots), "
+                          f"divided by the validation loss at step 0; one colour per tau, the tau chosen on validation "
+                          f"bold; the star is the kept checkpoint; dotted lines are fits that never left the identity, "
+                          f"dashed ones stopped at the step cap."))
     if probe_acc is not None:
         top = next((r["heads"] for r in tests.values() if r["method"] == "iti" and r["group"] == "top"), "")
-        marked = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in top.split(",") if h]
-        out["probe_heatmap"] = figures.probe_heatmap(probe_acc, fdir / "probe_heatmap.png", marked)
+        marked = [(h.layer, h.head) for h in map(parse_head, filter(None, top.split(",")))]
+        path = figures.probe_heatmap(probe_acc, fdir / "probe_heatmap.png", marked)
+        out.append(Figure(path, "more", "probe accuracy per head", "Probe validation accuracy of every head; S* boxed "
+                                                                    "in red (how the claim was chosen)."))
+    if "single" in st and st["single"].get("vs_probe"):
+        path = figures.effect_vs_probe(st["single"]["vs_probe"], st["single"]["full_ci_low"],
+                                       fdir / "single_vs_probe.png", "Single heads: optimal edit vs probe accuracy")
+        out.append(Figure(path, "more", "single heads vs probe accuracy",
+                          "Single heads: the optimal edit's True*Info against the head's probe accuracy."))
+    pts = [{"truth": r["truth"], "info": r["info"], "mc1": r["mc1"], "kl": r["kl"],
+            "method": f"{r['method']}:{r['group']}"} for r in tests.values()]
+    path = figures.scatter(pts, "info", "truth", fdir / "truth_vs_info.png", "Truth vs informativeness (test)")
+    out.append(Figure(path, "more", "truth vs informativeness", "Every arm's truth and informativeness on the test "
+                                                                "questions."))
+    if any(p["kl"] is not None for p in pts):
+        path = figures.scatter(pts, "kl", "mc1", fdir / "kl_vs_mc1.png", "KL from unedited vs MC1 (test)")
+        out.append(Figure(path, "more", "KL vs MC1", "Every arm's MC1 against its KL divergence from the unedited "
+                                                    "model on reference text."))
     return out
-
-
-def _html(config: dict, run: dict, st: dict, judge: dict | None, tests: dict, figs: dict, findings: list[dict]) -> str:
-    e = html.escape
-    preset = config["preset"]
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>locaudit report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}"
-             "th{background:#eee}.v{background:#f4f4ff;padding:.6em;border-left:4px solid #66f}"
-             "pre{white-space:pre-wrap;overflow-wrap:anywhere}</style></head><body>",
-             "<h1>locaudit: does editing provide evidence for localization?</h1>",
-             f"<p>Model <b>{e(str(run.get('model', preset['model']['model'])))}</b>, preset <b>{e(preset['name'])}</b>, "
-             f"{run.get('n_test_questions', '?')} test / {run.get('n_val_questions', '?')} validation questions "
-             f"(split {e(str(run.get('split_hash', '')))}, seed {preset['data']['seed']}).</p>"]
-    samples = run.get("samples") or {}
-    if samples:
-        rows = []
-        for name, label in (("test", "Test"), ("val", "Validation")):
-            c = samples.get(name)
-            if c:
-                types = ", ".join(f"{e(t)} {n}" for t, n in c["type"].items())
-                rows.append(f"{label} questions (a seeded random sample stratified by Type and Category): n={c['n']}, "
-                            f"{types}; {len(c['category'])} categories.")
-        parts.append("<p>" + "<br>".join(rows) + "</p>")
-    if run.get("partial"):
-        parts.append("<p class='v'><b>Partial run</b>: the study stopped before every arm finished; this report covers "
-                     "the finished trials only (rerun the same `locaudit run` command to complete it).</p>")
-    parts.append("<h2>Verdict</h2>")
-    for m in LOCATED:
-        if m.name in st:
-            parts.append(f"<p class='v'>{e(st[m.name]['verdict'])}</p>")
-    if "single" in st:
-        s = st["single"]
-        parts.append(f"<p class='v'>Single heads: {s['n_reaching_full']} of {s['n']} random single heads reach the "
-                     f"full-alignment score's 95% interval (lower bound {s['full_ci_low']:.3f}).</p>")
-    if "ipo" in st and "fraction_of_full" in st["ipo"]:
-        f = st["ipo"]["fraction_of_full"].get(st["ipo"]["top_arm"])
-        if f:
-            parts.append(f"<p class='v'>The optimal edit at S* reaches {f['ratio']:.2f} of full alignment's True*Info "
-                         f"(95% CI {f['ci'][0]:.2f} to {f['ci'][1]:.2f}).</p>")
-    fits = st.get("fits") or {}
-    if fits.get("n"):
-        by = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in fits["by_status"].items())
-        msg = f"Optimal-edit fits: {fits['n']} ({by})."
-        if fits["not_converged"]:
-            msg += (" Not converged (a fixed schedule, or stopped at the step cap while validation loss still improved), "
-                    "so not shown to be optimal: " + ", ".join(fits["not_converged"]) + ".")
-        if fits["stuck"]:
-            msg += (" Never left the identity even at lower learning rates, so left out of the random null: "
-                    + ", ".join(fits["stuck"]) + ".")
-        parts.append(f"<p class='v'>{e(msg)}</p>")
-    if "single" in st and "spearman" in st["single"]:
-        sp = st["single"]["spearman"]
-        hi = [q["arm"] for q in st["single"]["vs_probe"] if q["reaches_full"]]
-        parts.append(f"<p class='v'>Single heads: Spearman correlation of the optimal edit's True*Info with the head's "
-                     f"probe accuracy rho = {sp['rho']:.2f} (p = {sp['p']:.2g}, n = {sp['n']}); reaching full alignment's "
-                     f"interval: {e(', '.join(hi) or 'none')}.</p>")
-    if findings:
-        parts.append("<h2>The paper's findings beside this run</h2><table><tr><th>finding</th><th>paper (Alpaca-7B)</th>"
-                     "<th>measured here</th><th>verdict</th></tr>")
-        for r in findings:
-            parts.append("<tr>" + "".join(f"<td style='text-align:left'>{e(r[k])}</td>" for k in ("finding", "paper", "measured"))
-                         + f"<td style='text-align:left'><b>{e(r['verdict'])}</b>: {e(r['because'])}</td></tr>")
-        parts.append("</table>")
-    side = [(m.name, k, v) for m in LOCATED if m.name in st for k, v in st[m.name].get("side_metrics", {}).items()]
-    if side:
-        names = {"truth_info_pct": "True*Info as ITI computes it (% true x % informative / 100)", "mc1": "MC1",
-                 "mc2": "MC2", "kl": "KL from unedited (lower is better)"}
-        parts.append("<h2>S* against the random null on other metrics</h2><table><tr><th>method</th><th>metric</th>"
-                     "<th>S*</th><th>S* 95% CI</th><th>random mean</th><th>n random</th><th>percentile</th><th>rank p</th>"
-                     "<th>t-test p</th></tr>")
-        for m, k, v in side:
-            ci = v.get("ci")
-            parts.append(f"<tr><td>{m.upper()}</td><td style='text-align:left'>{e(names[k])}</td><td>{_fmt(v['target'])}</td>"
-                         f"<td>{_fmt(ci[0]) + ' to ' + _fmt(ci[1]) if ci else ''}</td><td>{_fmt(v['random_mean'])}</td>"
-                         f"<td>{v['n_random']}</td><td>{_fmt(v['percentile'], 0)}</td><td>{_fmt(v['p_rank'])}</td>"
-                         f"<td>{_fmt(v['p_ttest'], 3)}</td></tr>")
-        parts.append("</table>")
-    parts.append("<h2>Test results (hyper-parameter chosen on validation)</h2><table><tr>" + "".join(
-        f"<th>{c}</th>" for c in ("arm", "method", "alpha", "tau", "truth", "info", "True*Info", "95% CI", "MC1", "MC2", "CE", "KL", "n")) + "</tr>")
-    for name, r in tests.items():
-        ci = st["arms"][name]["ci"]
-        parts.append("<tr>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in (
-            name, r["method"], r["alpha"], r["tau"], r["truth"], r["info"], r["truth_info"]))
-            + f"<td>{_fmt(ci[0])} to {_fmt(ci[1])}</td>"
-            + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in ("mc1", "mc2", "ce", "kl", "n_questions")) + "</tr>")
-    parts.append("</table>")
-    parts.append("<h2>Figures</h2>" + "".join(f"<div>{_img(p)}</div>" for p in figs.values()))
-    if judge:
-        parts.append("<h2>Judges</h2><table><tr><th>judge</th><th>version</th><th>held-out answers acc</th>"
-                     "<th>held-out questions acc</th></tr>")
-        for k in ("truth", "info"):
-            j = judge.get(k, {})
-            parts.append(f"<tr><td>{k}</td><td>{e(str(j.get('version')))}</td><td>{_fmt(j.get('heldout_answer_acc'))}</td>"
-                         f"<td>{_fmt(j.get('heldout_question_acc'))}</td></tr>")
-        parts.append("</table>")
-    parts.append("<h2>Statistics</h2><pre>" + e(json.dumps({k: v for k, v in st.items() if k != "arms"}, indent=1, default=str)) + "</pre>")
-    parts.append("<h2>Settings, timings, software</h2><pre>" + e(json.dumps(
-        {"preset": preset, "stage_seconds": run.get("stage_seconds"), "software": config.get("software")}, indent=1)) + "</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)

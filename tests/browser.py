@@ -212,6 +212,11 @@ class Chromium:
         self._send("Emulation.setDeviceMetricsOverride",
                    {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
 
+    def set_media(self, media: str) -> None:
+        """Lay the page out for this CSS media type ("print": as it prints, `@media print` rules applied;
+        "": the screen again)."""
+        self._send("Emulation.setEmulatedMedia", {"media": media})
+
     def evaluate(self, expression: str):
         """The value of a JavaScript expression in the page (a promise is awaited); page exceptions raise."""
         res = self._send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})

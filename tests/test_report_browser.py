@@ -1,11 +1,13 @@
 """The study report and the audit report as a reader sees them, in headless Chromium (tests/browser.py): every
 figure decodes to a real image, and nothing runs past the window at a laptop width (1280x800) or a narrow one
-(800 wide), so no sideways scrolling. A full-page screenshot of each is kept in the run directory (report.png at
+(800 wide), so no sideways scrolling; the study report's verdict fits the first screen, and as printed (print media at
+a page's width) nothing overflows and figures and tables are not split across pages. A full-page screenshot of each is kept in the run directory (report.png at
 1280 wide, report-800.png at 800) for a person to look at. Skipped without a browser (the skip says how to add one)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +98,51 @@ def test_audit_report_in_a_browser(browser, audit_run, width, height):
     facts = look(browser, audit_run, width, height)
     assert_reads_well(facts, width, n_images=1)
     assert facts["images"][0]["alt"] == "random null"
+
+
+# the verdict section's box, and every figure's and table's break rule and width, as laid out now
+VERDICT_JS = "(() => { const r = document.getElementById('verdict').getBoundingClientRect(); " \
+             "return {top: r.top, bottom: r.bottom, text: document.getElementById('verdict').innerText}; })()"
+BREAKS_JS = "Array.from(document.querySelectorAll('figure, table')).map(e => ({tag: e.tagName.toLowerCase(), " \
+            "rule: getComputedStyle(e).breakInside, width: e.getBoundingClientRect().width}))"
+
+
+def test_study_report_verdict_on_the_first_screen(browser, study_run):
+    """At 1280x800 the claim, the table of what the edits at S* achieved and the evidence in words are all
+    above the fold, and say the numbers of results.json."""
+    browser.set_viewport(1280, 800)
+    browser.open(study_run / "report.html")
+    box = browser.evaluate(VERDICT_JS)
+    assert 0 <= box["top"] < box["bottom"] <= 800, box
+    res = json.loads((study_run / "results.json").read_text())
+    st, text = res["stats"], box["text"]
+    heads = next(r["heads"] for r in res["rows"] if r["arm"] == st["ipo"]["top_arm"])
+    assert "Claim under test" in text and heads.replace(",", ", ") in text
+    for m in ("ipo", "iti"):
+        t = st[m]["test"]
+        assert f"exact rank p = {t['p_rank']:.3f}" in text and f"n = {t['n_random']}" in text
+    f = st["ipo"]["fraction_of_full"][st["ipo"]["top_arm"]]
+    assert f"{f['ratio']:.2f} ({f['ci'][0]:.2f} to {f['ci'][1]:.2f})" in text
+
+
+PAGE_WIDTH = 680  # A4 (794 CSS px at 96 dpi) less the report's 1.5 cm page margins on both sides
+
+
+def test_study_report_prints(browser, study_run):
+    """As printed: nothing wider than the page, every figure scaled into it, figures and tables kept whole."""
+    browser.set_viewport(PAGE_WIDTH, 1000)
+    browser.open(study_run / "report.html")
+    browser.set_media("print")
+    try:
+        facts = browser.evaluate(LAYOUT_JS)
+        breaks = browser.evaluate(BREAKS_JS)
+        png = browser.screenshot(study_run / "report-print.png")
+    finally:
+        browser.set_media("")
+    assert facts["scrollWidth"] <= PAGE_WIDTH and not facts["wide"], facts["wide"][:5]
+    assert all(i["naturalWidth"] > 0 and 0 < i["width"] <= PAGE_WIDTH for i in facts["images"])
+    assert {b["tag"] for b in breaks} == {"figure", "table"}
+    assert all(b["rule"] == "avoid" for b in breaks), breaks
+    with Image.open(png) as im:
+        assert im.width == PAGE_WIDTH
+    assert Path(png).stat().st_size > 10_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +246,221 @@ def test_fit_statuses_and_stuck_fits_left_out_of_the_null(study_dir):
     assert {"iti_special", "ipo_random", "ipo_full", "single"} <= keys
     assert all(r["verdict"].startswith(("replicates", "does not", "inconclusive")) for r in res["replication"])
     assert "The paper's findings beside this run" in (out / "report.html").read_text()
+
+
+# --- the report: verdict first, the new figures, results.json's documented schema ---------------------------
+
+def _selected_test_trial(out, arm):
+    """The arm's test trial at the value validation chose, read straight from its trial file."""
+    import json
+
+    chosen = json.loads((out / "run.json").read_text())["selections"][arm]
+    for path in (out / "trials" / arm).glob("*.test.json"):
+        r = json.loads(path.read_text())
+        if chosen is None or chosen in (r.get("alpha"), r.get("tau")):
+            return r
+    raise AssertionError(f"no selected test trial for {arm}")
+
+
+def test_report_reads_verdict_first(study_dir):
+    """The verdict (claim, the numbers of results.json, the evidence in words) comes first, then the figures in
+    the order trade-offs, nulls, per-question differences, training curves, then the tables."""
+    import json
+    import re
+
+    out = study_dir / "a"
+    html = (out / "report.html").read_text()
+    st = json.loads((out / "results.json").read_text())["stats"]
+    verdict = html[html.index("<section id='verdict'>"):html.index("</section>")]
+    heads = _selected_test_trial(out, st["ipo"]["top_arm"])["heads"].replace(",", ", ")
+    assert "the top 3 attention heads by probe accuracy" in verdict and heads in verdict
+    for m, label in (("ipo", "Optimal edit (IPO)"), ("iti", "ITI")):
+        t, arm = st[m]["test"], st["arms"][st[m]["top_arm"]]
+        ordinal = re.escape(f"{round(t['percentile'])}")
+        assert re.search(ordinal + r"(st|nd|rd|th) percentile", verdict)
+        assert f"exact rank p = {t['p_rank']:.3f}" in verdict and f"n = {t['n_random']}" in verdict
+        assert f"{arm['truth_info']:.3f}" in verdict and f"{arm['ci'][0]:.3f} to {arm['ci'][1]:.3f}" in verdict
+        assert f"<b>{label}: " in verdict  # the evidence in words, one paragraph per edit
+    f = st["ipo"]["fraction_of_full"][st["ipo"]["top_arm"]]
+    assert f"{f['ratio']:.2f}" in verdict and f"{f['ci'][0]:.2f} to {f['ci'][1]:.2f}" in verdict
+    assert f"n = {st['arms'][st['ipo']['top_arm']]['n_questions']} test questions" in verdict
+    order = ["<section id='verdict'>", "id='tradeoff'", "id='null'", "id='paired'", "id='fits'",
+             "The paper's findings beside this run", "Test results (hyper-parameter"]
+    at = [html.index(s) for s in order]
+    assert at == sorted(at), dict(zip(order, at))
+    assert "<table" not in html[:html.index("<section id='verdict'>")]
+
+
+def test_new_figures_drawn_from_the_stored_scores_and_fits(study_dir, monkeypatch):
+    """The per-question figure draws S* minus each random set in the null and minus full alignment, exactly the
+    stored per-question judge scores' differences (results.json keeps them too); the training-curve figure draws
+    every fit's stored curves. Both are embedded in the page."""
+    import base64
+    import json
+
+    from locaudit import figures, report
+
+    out = study_dir / "a"
+    drawn: dict = {}
+
+    def keep(name, fn):
+        def wrapper(data, path, *a, **k):
+            drawn[Path(path).stem] = data
+            return fn(data, path, *a, **k)
+        monkeypatch.setattr(figures, name, wrapper)
+
+    keep("paired_differences", figures.paired_differences)
+    keep("fit_curves", figures.fit_curves)
+    report.write_report(out)
+    res = json.loads((out / "results.json").read_text())
+    st = res["stats"]
+    html = (out / "report.html").read_text()
+    for name in ("paired_ipo", "paired_iti", "fit_curves"):
+        png = (out / "figures" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64encode(png).decode() in html, name
+
+    for m in ("ipo", "iti"):
+        claim = _selected_test_trial(out, st[m]["top_arm"])
+        randoms = sorted(a for a in st["arms"] if st["arms"][a]["group"] == "random" and st["arms"][a]["method"] == m
+                         and a not in st[m]["excluded_stuck"])
+        assert len(randoms) == st[m]["test"]["n_random"]
+        stored = res["paired_differences"][m]
+        assert stored["claim"] == claim["arm"] and stored["qid"] == claim["per_question"]["qid"]
+        assert sorted(stored["minus"]) == sorted(randoms + ["full"])
+        rows = {r["label"]: r for r in drawn[f"paired_{m}"]}
+        assert len(rows) == len(randoms) + 1
+        for arm in randoms + ["full"]:
+            other = _selected_test_trial(out, arm)
+            where = {q: i for i, q in enumerate(other["per_question"]["qid"])}
+            for k in ("truth_p", "info_p"):
+                want = [claim["per_question"][k][i] - other["per_question"][k][where[q]]
+                        for i, q in enumerate(claim["per_question"]["qid"])]
+                assert stored["minus"][arm][k] == want
+                label = "full alignment" if arm == "full" else arm.removeprefix(f"{m}-")
+                assert rows[label][k] == want and rows[label]["kind"] == ("full" if arm == "full" else "random")
+        # S* minus itself would be all zeros: the claim is never a comparison
+        assert claim["arm"] not in stored["minus"]
+
+    fits = drawn["fit_curves"]
+    metas = {}
+    for p in (out / "edits").glob("*/*/edit.json"):
+        meta = json.loads(p.read_text())
+        metas[(meta["edit_label"], meta["config"]["tau"])] = meta
+    assert {(f["arm"], f["tau"]) for f in fits} == set(metas) and len(fits) == len(metas) == 8
+    for f in fits:
+        meta = metas[(f["arm"], f["tau"])]
+        assert f["train"] == meta["train_curve"] and len(f["train"]) == meta["steps"]
+        assert f["val"] == [[h["step"], h["val_loss"]] for h in meta["val_curve"]]
+        assert f["status"] == meta["status"] and f["best_step"] == meta["best"]["step"]
+        assert f["selected"]  # one tau in this run: every fit is the chosen one
+    assert fits[0]["arm"] == st["ipo"]["top_arm"]  # S* first
+
+
+def test_results_json_is_strict_json(study_dir):
+    """Undefined numbers (the t-test on a single random set) are null, not NaN: any JSON parser reads it."""
+    import json
+
+    def refuse(name):
+        raise AssertionError(f"results.json holds {name}")
+
+    res = json.loads((study_dir / "a" / "results.json").read_text(), parse_constant=refuse)
+    assert res["schema_version"] == 1
+    t = res["stats"]["ipo"]["test"]
+    assert t["n_random"] == 1 and t["random_sd"] is None and t["p_ttest"] is None and t["p_rank"] == 0.5
+
+
+# ---- docs/results.md: every key of results.json and every column of results.csv, and nothing else
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def doc_tables() -> dict[str, list[list[str]]]:
+    """The markdown tables of docs/results.md by section heading: rows of cells, backticks removed."""
+    tables: dict[str, list[list[str]]] = {}
+    section = None
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif line.startswith("| `") and section:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            tables.setdefault(section, []).append([cells[0].strip("`")] + cells[1:])
+    return tables
+
+
+def key_paths(obj, prefix=()):
+    """Every key of a JSON document as a tuple of segments; items of a list of objects add "name[]"."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield prefix + (k,)
+            yield from key_paths(v, prefix + (k,))
+    elif isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        for x in obj:
+            yield from key_paths(x, prefix[:-1] + (prefix[-1] + "[]",))
+
+
+def test_results_schema_is_documented(study_dir, monkeypatch, tmp_path):
+    """Every key results.json has, in the smoke run, in a partial run and in a run whose single heads all fit,
+    matches a row of docs/results.md; every row marked "always" is in the smoke run, and every other row in one
+    of the three; results.csv's columns are the documented ones, in order."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from locaudit.evaluation import judges as judges_mod
+    from locaudit.report import COLUMNS, LOCATED, SIDE_METRICS, compute_stats, load_trials, selected_tests
+    from locaudit.study import judge_run
+    from locaudit.training import STATUSES
+
+    tables = doc_tables()
+    rows = tables["results.json"]
+    keys = [r[0] for r in rows]
+    assert len(keys) == len(set(keys)), "a key documented twice"
+    assert all(len(r) == 4 and r[1] and r[2] and r[3] for r in rows), "every row needs type, present, meaning"
+
+    out = study_dir / "a"
+    smoke = json.loads((out / "results.json").read_text())
+    # a partial run: the same trials judged before the study wrote run.json
+    part = tmp_path / "partial"
+    shutil.copytree(out, part)
+    (part / "run.json").unlink()
+    monkeypatch.setattr(judges_mod, "load_judges", lambda *a, **k: (HashJudge("truth"), HashJudge("info")))
+    judge_run(part, progress=False)
+    partial = json.loads((part / "results.json").read_text())
+    assert partial["run"]["partial"] is True
+    # statistics of a run where no fit was stuck (enough single heads for the Spearman correlation)
+    tests = selected_tests(load_trials(out), smoke["run"]["selections"], out)
+    for r in tests.values():
+        if r.get("fit"):
+            r["fit"] = {**r["fit"], "status": "converged"}
+    unstuck = {"stats": compute_stats(tests, 20, probe_acc=np.load(out / "probes" / "probes.npz")["val_acc"])}
+    assert "spearman" in unstuck["stats"]["single"]
+
+    arms = {r["arm"] for r in smoke["rows"]}
+    allowed = {"<arm>": arms, "<method>": {m.name for m in LOCATED}, "<metric>": set(SIDE_METRICS),
+               "<status>": set(STATUSES), "<judge>": {"truth", "info"}, "<split>": {"test", "val"},
+               "<stage>": None, "<type>": None, "<category>": None, "<part>": None}  # None: any name
+    for k in keys:
+        for seg in k.split("."):
+            if seg.startswith("<"):
+                assert seg in allowed, f"unknown placeholder {seg} in {k}"
+
+    def documented(path):
+        pats = [k for k in keys if len(k.split(".")) == len(path) and all(
+            p == s or (p in allowed and (allowed[p] is None or s in allowed[p])) for p, s in zip(k.split("."), path))]
+        return pats
+
+    produced = {}
+    for name, doc in (("smoke", smoke), ("partial", partial), ("unstuck", unstuck)):
+        for path in set(key_paths(doc)):
+            pats = documented(path)
+            assert pats, f"{'.'.join(path)} (in the {name} run's results.json) is not in docs/results.md"
+            for p in pats:
+                produced.setdefault(p, set()).add(name)
+    always = [r[0] for r in rows if r[2] == "always"]
+    assert [k for k in always if "smoke" not in produced.get(k, ())] == []
+    assert [k for k in keys if k not in produced] == []
+    # results.csv
+    with open(out / "results.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header == COLUMNS == [r[0] for r in tables["results.csv"]]
