@@ -213,7 +213,7 @@ def cmd_audit(args) -> None:
     from datetime import datetime
 
     from locaudit.audit import AuditConfig, audit
-    from locaudit.units import parse_units
+    from locaudit.audit.claims import claim_kind
     from locaudit.models import load_model
     from locaudit.study import load_preset, with_overrides
     from locaudit.tasks import TruthfulQATask, load_task
@@ -221,20 +221,22 @@ def cmd_audit(args) -> None:
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, seed=args.seed)
     claim = args.heads if args.heads is not None else args.units
-    if not claim.strip().lower().startswith("probe:"):
-        parse_units(claim)  # unit-name syntax fails now, before the model is loaded
+    kind = claim_kind(claim)  # unit-name and heuristic syntax fail now, before the model is loaded
+    if args.heads is not None and kind != "heads":
+        raise LocauditError(f"--heads {claim.strip()} names {kind}, not attention heads; give it with --units")
     if args.task == "truthfulqa":
         task = TruthfulQATask(data_dir=preset.data.data_dir, fmt=preset.eval.fmt, judge=preset.eval.judge,
                               max_new_tokens=preset.eval.max_new_tokens)
     else:
         task = load_task(args.task)
     cfg = AuditConfig.from_preset(preset, n_random=args.random, match_layers=args.match_layers or None,
-                                  limit_items=args.limit_items)
+                                  limit_items=args.limit_items, steering=False if args.no_steering else None)
     task.split(cfg.seed, cfg.limit_items)  # bad or too little data fails now, before the model is loaded
     out = args.out or Path("runs") / ("audit-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
     lm = load_model(preset.model.model, device=preset.model.device, dtype=preset.model.dtype)
     result = audit(claim, task, out, cfg, lm=lm)
-    print(f"{result.verdict}\nreport: {Path(out) / 'report.html'}")
+    steering = "" if result.steering is None else f"\n{result.steering.verdict}"
+    print(f"{result.verdict}{steering}\nreport: {Path(out) / 'report.html'}")
 
 
 def cmd_report(args) -> None:
@@ -245,6 +247,8 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from locaudit.audit.claims import heuristic_help
+
     parser = _Parser(prog="locaudit", description="Does editing provide evidence for localization? Audit a head-level localization claim.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -350,13 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that run arms in parallel (default: one per CPU core, up to 8; 1 on a GPU)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("audit", help="audit a localization claim: the optimal edit at the claimed heads vs random "
-                                     "head sets of the same size and full alignment, on any task")
+    p = sub.add_parser("audit", help="audit a localization claim: the optimal edit (and the claim's steering "
+                                     "heuristic) at the claimed units vs random sets of the same size, and full "
+                                     "alignment, on any task")
     claim = p.add_mutually_exclusive_group(required=True)
     claim.add_argument("--heads", help="a claim about attention heads, e.g. L12H3,L14H1 (L12A: every head of layer 12), "
-                                       "or probe:K for the top K heads of probes trained on the task (ITI's heuristic)")
+                                       "or a heuristic's: " + heuristic_help("heads"))
     claim.add_argument("--units", help="a claim about any units: heads L12H3,L14H1, MLP neurons L3N100,L3N7, or layers "
-                                       "L12 (the residual stream after block 12); one kind per claim")
+                                       "L12 (the residual stream after block 12), one kind per claim; or a heuristic's "
+                                       "claim (scores written under OUT/heuristic/): " + heuristic_help())
     p.add_argument("--task", required=True, help="truthfulqa, caa:<behaviour> (sycophancy, refusal, survival-instinct, "
                                                  "corrigibility, myopic-reward, hallucination, coordinate-other-ais), "
                                                  "or a preference .jsonl file (TRL format)")
@@ -370,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw each random set with the claim's number of units in each of its layers")
     p.add_argument("--limit-items", type=_positive_int, default=None,
                    help="a stratified random subset of the task's items (default: the preset's limit_questions)")
+    p.add_argument("--no-steering", action="store_true",
+                   help="skip the steering arms (the claim's steering heuristic, ITI for heads and mean-difference "
+                        "steering for neurons and layers, at the claim and at each random set)")
     p.add_argument("--seed", type=_nonneg_int, default=None)
     p.set_defaults(func=cmd_audit)
 

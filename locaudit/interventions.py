@@ -7,7 +7,8 @@ W_down^l m^l and `ResidualRank1` the residual stream after block l. Every interv
 - `merge(lm)`: fold the edit into the weights exactly (then `save_pretrained` works; activation edits that no
   weight can hold raise instead);
 - `save(dir)` / `load_intervention(dir)`: `edit.safetensors` + `edit.json`; `load_intervention` also reads a PEFT
-  rank-1 LoRA adapter directory on the W^l (`import_peft`; `locaudit.export.export_peft` writes them).
+  rank-1 LoRA adapter directory on the W^l (`import_peft`; `locaudit.export.export_peft` writes them). Its
+  table `_LOADERS` maps each kind to its loader; kinds defined elsewhere join it by `register_loader`.
 
 Kinds:
 - `ITI` (Li et al. 2023, eq. 5 of Wang & Veitch): o_h^l += alpha * sigma_h^l * u_h^l for heads in S, at the
@@ -541,6 +542,18 @@ _LOADERS: dict[str, Callable[[dict, dict, Arch], Intervention]] = {
     "localized": _load_localized, "full": _load_full, "iti": _load_iti, "none": lambda meta, tensors, arch: NoEdit(),
     "neurons": _load_neurons, "residual": _load_residual,
 }
+
+
+def register_loader(kind: str, loader: Callable[[dict, dict, Arch], Intervention]) -> None:
+    """Teach `load_intervention` an edit kind defined in a module built on this one (mean-difference steering in
+    `locaudit.heuristics.steering` registers itself when imported, and importing any part of `locaudit` imports
+    it), so that this module never imports the modules that import it. `loader(meta, tensors, arch)` rebuilds
+    the edit from its edit.json and edit.safetensors."""
+    old = _LOADERS.get(kind)
+    if old is not None and (old.__module__, old.__qualname__) != (loader.__module__, loader.__qualname__):
+        raise LocauditError(f"edit kind {kind!r} already has a loader ({old.__module__}.{old.__qualname__}); "
+                            f"give the new edit another kind")
+    _LOADERS[kind] = loader
 
 
 def load_intervention(path: Path, arch: Arch) -> Intervention:

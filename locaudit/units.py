@@ -13,7 +13,8 @@ layer has, and its optimal edit (b = 0 at initialisation, so every edit starts a
 `UnitSet` is the protocol the audit and the fitting code talk to: `kind`, `names`, `spec()`, `label`, `len`,
 `by_layer()`, `validate(arch)`, `make_edit(arch, seed, scale)` and `lr_size(arch)`. It wraps the kind's own
 set (`HeadSet`, `NeuronSet`, `LayerSet`), so head claims keep every number they had before units existed.
-`parse_units` reads a claim, `random_units` draws a random set like it, `all_units` is every unit of a kind.
+`parse_units` reads a claim (`check_names` checks one without the model), `random_units` draws a random set like
+it, `all_units` is every unit of a kind.
 
 Learning rate (`lr_size`): `training.default_lr(n)` was tuned by the number of heads n, i.e. by how many
 d-entry blocks of b the edit trains (a head's slice of b has d = head_dim entries). Every kind uses that measure:
@@ -199,10 +200,8 @@ def _kind_of_name(name) -> UnitKind:
     return kind
 
 
-def parse_units(spec: str | Iterable[str], arch: Arch | None = None, label: str = "custom") -> UnitSet:
-    """Parse a claim (`"L3N100,L3N7"`, `"L12"`, `"L12H3,L14H1"`, `"L12A"`, or a list of names) into a UnitSet, checked
-    against `arch` when given (`L<l>A` needs it). Malformed, empty, duplicate or out-of-range names, and a claim
-    mixing kinds, raise a one-line LocauditError."""
+def _one_kind(spec: str | Iterable[str]) -> tuple[UnitKind, list[str]]:
+    """The kind of every name of `spec` (one kind per claim) and the names."""
     names = split_names(spec, "unit", GRAMMAR)
     kinds = [_kind_of_name(n) for n in names]
     first = kinds[0]
@@ -210,7 +209,25 @@ def parse_units(spec: str | Iterable[str], arch: Arch | None = None, label: str 
     if other is not None:
         raise LocauditError(f"claim {show(spec)} mixes {first.name} ({names[0].strip()}) and {kinds[other].name} "
                             f"({names[other].strip()}); name units of one kind per claim")
-    return UnitSet(first.parse(spec, arch, label))
+    return first, names
+
+
+def parse_units(spec: str | Iterable[str], arch: Arch | None = None, label: str = "custom") -> UnitSet:
+    """Parse a claim (`"L3N100,L3N7"`, `"L12"`, `"L12H3,L14H1"`, `"L12A"`, or a list of names) into a UnitSet, checked
+    against `arch` when given (`L<l>A` needs it). Malformed, empty, duplicate or out-of-range names, and a claim
+    mixing kinds, raise a one-line LocauditError."""
+    kind, _ = _one_kind(spec)
+    return UnitSet(kind.parse(spec, arch, label))
+
+
+def check_names(spec: str | Iterable[str]) -> UnitKind:
+    """The kind of a claim's names, after every check that needs no model (syntax, one kind, no name twice), so
+    a command can fail before it loads one; `L<l>A` names are expanded, and checked, by `parse_units` with the
+    model's arch."""
+    kind, names = _one_kind(spec)
+    if not any(isinstance(n, str) and _WHOLE_ATTENTION.fullmatch(n.strip()) for n in names):
+        kind.parse(spec, None, "custom")
+    return kind
 
 
 def all_units(kind: str, arch: Arch) -> UnitSet:

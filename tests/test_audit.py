@@ -40,14 +40,19 @@ def test_plan_draws_distinct_sets_of_the_claims_kind_and_size(spec, n):
     arch = make_tiny("llama").arch
     claim = parse_units(spec, arch)
     arms = plan(claim, arch, AuditConfig(n_random=n))
-    assert [a.kind for a in arms] == ["none", "claim"] + ["random"] * n + ["full"]
+    assert [a.kind for a in arms] == (["none", "claim"] + ["random"] * n + ["full", "claim-steer"]
+                                      + ["random-steer"] * n)
     sets = [tuple(a.units.names) for a in arms if a.kind == "random"]
     assert len(set(sets)) == n and tuple(claim.names) not in sets
-    assert all(len(s) == len(claim) for s in sets) and all(a.units.kind == claim.kind for a in arms[2:-1])
+    assert all(len(s) == len(claim) for s in sets) and all(a.units.kind == claim.kind for a in arms[2:2 + n])
+    # the steering heuristic runs at exactly the claim and the random sets of the optimal edit
+    assert {a.name[:-len("-steer")]: a.units for a in arms if a.steers} == {a.name: a.units for a in arms[1:2 + n]}
     assert [a.units for a in plan(claim, arch, AuditConfig(n_random=n))] == [a.units for a in arms]  # seeded
+    unsteered = plan(claim, arch, AuditConfig(n_random=n, steering=False))
+    assert [a.kind for a in unsteered] == [a.kind for a in arms[:3 + n]]
     if claim.kind != "layers":
         matched = plan(claim, arch, AuditConfig(n_random=3, match_layers=True))
-        for a in matched[2:-1]:
+        for a in matched[2:5]:
             assert sorted(a.units.by_layer()) == [0, 2] and all(len(v) == 1 for v in a.units.by_layer().values())
 
 
@@ -62,10 +67,13 @@ def test_audit_runs_on_every_family(family, tmp_path):
     lm = make_tiny(family)
     res = audit("L0H1,L2H3", write_pairs(tmp_path / "p.jsonl"), tmp_path / "out", AuditConfig(n_random=2, fit=FAST),
                 lm=lm, progress=False)
-    assert [r["arm"] for r in res.rows] == ["none", "claim", "random-00", "random-01", "full"]
+    assert [r["arm"] for r in res.rows] == ["none", "claim", "random-00", "random-01", "full", "claim-steer",
+                                            "random-00-steer", "random-01-steer"]
     assert all(0.0 <= r["value"] <= 1.0 for r in res.rows)
+    assert {r["steering"] for r in res.rows if r["kind"].endswith("steer")} == {"iti"}
     assert res.n_test == 8 and res.n_val == 8
-    for name in ("results.json", "results.csv", "report.md", "report.html", "figures/null.png"):
+    for name in ("results.json", "results.csv", "report.md", "report.html", "figures/null.png",
+                 "figures/null_steer.png"):
         assert (tmp_path / "out" / name).is_file()
 
 
@@ -76,7 +84,7 @@ def test_statistics_are_those_of_the_stored_scores(tmp_path):
                 lm=lm, progress=False)
     value = {}
     for r in res.rows:
-        name = "eval.json" if r["kind"] == "none" else "tau0.1.json"
+        name = {"none": "eval.json", "claim-steer": "steer.json", "random-steer": "steer.json"}.get(r["kind"], "tau0.1.json")
         t = json.loads((tmp_path / "out" / "trials" / r["arm"] / name).read_text())
         value[r["arm"]] = float(np.mean(t["test"]["scores"]["pref_acc"]))  # the statistic: mean per-item pref_acc
         assert r["value"] == pytest.approx(value[r["arm"]], abs=1e-12)
@@ -159,6 +167,9 @@ def test_planted_single_head_is_singled_out(tmp_path):
     assert res.null.percentile == 100.0 and res.null.p_rank < 0.05
     assert res.strength == "singled-out"
     assert res.frac_full[0] > 0.8
+    # ITI at h* flips the preference and ITI at no other head can: the steering heuristic singles it out too
+    steer = [r["value"] for r in res.rows if r["kind"] == "random-steer"]
+    assert res.row("claim-steer")["value"] > max(steer) and res.steering.strength == "singled-out"
 
 
 def test_spread_behaviour_is_not_singled_out(tmp_path):
@@ -168,21 +179,26 @@ def test_spread_behaviour_is_not_singled_out(tmp_path):
     assert len(randoms) >= 15
     assert np.median(randoms) > res.row("none")["value"] + 0.3  # random heads move the behaviour too
     assert res.null.p_rank > 0.05 and res.strength != "singled-out"
+    assert max(r["value"] for r in res.rows if r["kind"] == "random-steer") >= res.row("claim-steer")["value"]
+    assert res.steering.null.p_rank > 0.05 and res.steering.strength != "singled-out"  # ITI at random heads works too
 
 
 def test_probe_claim_is_the_top_heads_of_task_probes(tmp_path):
-    from locaudit.audit.run import resolve_claim
+    from locaudit.audit.claims import resolve_claim
     from locaudit.probes import probe_task
     from locaudit.tasks import load_task
 
     lm = make_tiny("gpt2")
     task = load_task(write_pairs(tmp_path / "p.jsonl"))
     split = task.split(0)
-    claim = resolve_claim("probe:3", lm, task, split, AuditConfig(), tmp_path / "o")
+    resolved = resolve_claim("probe:3", lm, task, split, AuditConfig(), tmp_path / "o")
+    claim = resolved.units
     ref = probe_task(lm, task, split, progress=False)
     assert claim.kind == "heads" and claim.names == ref.top(3).names
     assert min(ref.val_acc[l, h] for l, h in claim.pairs()) >= np.sort(ref.val_acc.reshape(-1))[-3]
-    assert (tmp_path / "o" / "probes" / "probes.npz").is_file()
+    assert (tmp_path / "o" / "heuristic" / "probes.npz").is_file()
+    assert np.array_equal(np.load(tmp_path / "o" / "heuristic" / "val_acc.npy"), ref.val_acc)
+    assert resolved.heuristic["spec"] == "probe:3" and np.array_equal(resolved.probes.directions, ref.directions)
     for bad in ("probe:0", "probe:x", f"probe:{lm.arch.n_total_heads + 1}"):
         with pytest.raises(LocauditError, match="probe:K"):
             resolve_claim(bad, lm, task, split, AuditConfig())
@@ -195,8 +211,11 @@ def test_audit_of_neuron_and_layer_claims(spec, tmp_path):
                 progress=False)
     assert res.claim == spec.split(",")
     kinds = "neurons" if "N" in spec else "layers"
-    for r in res.rows[2:-1]:
-        assert len(r["units"]) == len(res.claim) and r["units"] != res.claim
+    for r in res.rows:
+        if r["kind"] in ("random", "random-steer"):
+            assert len(r["units"]) == len(res.claim) and r["units"] != res.claim
+    steering = {r["steering"] for r in res.rows if r["kind"].endswith("steer")}
+    assert steering == {"meandiff" if kinds == "neurons" else "caa"}
     stored = json.loads((tmp_path / "o" / "trials" / "claim" / "tau0.1.json").read_text())
     edit = json.loads((tmp_path / "o" / stored["edit_dir"] / "edit.json").read_text())
     assert edit["kind"] == {"neurons": "neurons", "layers": "residual"}[kinds]
@@ -219,10 +238,13 @@ def test_cli_audit_on_a_saved_model(tmp_path, capsys):
     assert res["null"]["n_random"] + sum(a["status"] == "stuck" for a in res["arms"] if a["kind"] == "random") == 2
     assert res["verdict"] in capsys.readouterr().out
     assert main(args) == 0  # a rerun reads every stored trial
-    assert capsys.readouterr().err.count("(stored)") == 5
+    assert capsys.readouterr().err.count("(stored)") == 8  # none, claim, 2 random, full, 3 steering arms
     bad = tmp_path / "never"
     for argv, msg in ((["--units", "L1N3,L2H1"], "one kind per claim"), (["--units", "L9N1"], "L9N1"),
-                      (["--task", "caa:nope"], "unknown CAA behaviour")):
+                      (["--task", "caa:nope"], "unknown CAA behaviour"),
+                      (["--units", "atp-mlp:4"], "unknown claim heuristic 'atp-mlp'"),
+                      (["--units", "sweep:2"], "sweep takes no K"),
+                      (["--units", "atp-neurons:193"], "K a number of neurons from 1 to 192")):
         a = list(args)
         for k in range(0, len(argv), 2):
             a[a.index(argv[k]) + 1] = argv[k + 1]

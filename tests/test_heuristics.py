@@ -17,12 +17,13 @@ import torch
 from conftest import FAMILIES, make_tiny
 from locaudit.errors import LocauditError
 from locaudit.heuristics import (Attribution, MeanDiffSteering, attribution_patching, choose_alpha, layer_sweep,
-                                 mean_diff_vectors, parse_units)
+                                 mean_diff_vectors, site_units)
 from locaudit.heuristics.rows import margins, task_pairs
-from locaudit.interventions import edit_positions
+from locaudit.interventions import edit_positions, load_intervention
 from locaudit.scoring import encode, encode_prefix
 from locaudit.tasks import load_task
 from locaudit.tasks.base import preference_scores
+from locaudit.units import parse_units
 
 
 def write_varied(path, n=12, seed=0):
@@ -391,12 +392,17 @@ def test_steering_rejects_bad_input():
     assert edit.is_identity()  # a zero vector changes nothing
     with pytest.raises(LocauditError, match="not folded into the weights"):
         edit.merge(lm)
-    assert parse_units("L1N3, L0N2", arch) == ("neurons", {0: [2], 1: [3]})
-    assert parse_units(["L2"], arch) == ("residual", {2: [0]})
-    for bad, msg in (("L1N3,L1H0", "units of different kinds"), ("L1X3", "malformed unit name"),
-                     ("L1N64", "unit L1N64 is out of range"), ("L0H1,L0H1", "listed twice")):
-        with pytest.raises(LocauditError, match=msg):
+    assert site_units("L1N3, L0N2", arch) == ("neurons", {0: [2], 1: [3]})
+    assert site_units(["L2"], arch) == ("residual", {2: [0]})
+    assert site_units("L1A", arch) == ("heads", {1: [0, 1, 2, 3]})  # the audit's grammar: every head of a layer
+    for bad in ("L1N3,L1H0", "L1X3", "L1N64", "L0H1,L0H1", "L3"):  # the same one-line errors as the audit's parser
+        with pytest.raises(LocauditError) as e:
+            site_units(bad, arch)
+        with pytest.raises(LocauditError) as ref:
             parse_units(bad, arch)
+        assert str(e.value) == str(ref.value) and "\n" not in str(e.value)
+    with pytest.raises(LocauditError, match=r"mixes neurons \(L1N3\) and heads \(L1H0\)"):
+        site_units("L1N3,L1H0", arch)
 
 
 def test_steering_edit_saves_and_loads(tmp_path):
@@ -415,6 +421,10 @@ def test_steering_edit_saves_and_loads(tmp_path):
         for l in edit.layers:
             assert torch.equal(back.vector(l), edit.vector(l))
     assert edit.config()["units"] == ["L2"]
+    for name in ("neurons", "heads", "residual"):  # load_intervention knows the kind ("meandiff", registered)
+        back = load_intervention(tmp_path / name, arch)
+        assert isinstance(back, MeanDiffSteering)
+        assert back.config() == MeanDiffSteering.load(tmp_path / name, arch).config()
     assert MeanDiffSteering.load(tmp_path / "heads", arch).unit_names() == ["L1H2"]
     assert torch.count_nonzero(MeanDiffSteering.load(tmp_path / "heads", arch).vector(1)[:16]) == 0
     with pytest.raises(LocauditError, match="is not a saved steering edit"):

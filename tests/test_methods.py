@@ -178,9 +178,12 @@ def test_each_module_imports_alone():
     """Each entry module in a fresh interpreter, with nothing imported before it (a spawned worker starts by
     importing `locaudit.study.runner`, which first runs the package `locaudit.study`: plan, runner, protocol)."""
     modules = ["locaudit.methods", "locaudit.stages", "locaudit.study.runner", "locaudit.cli"]
-    procs = {m: subprocess.Popen([sys.executable, "-c", f"import {m}"], cwd=ROOT, stdout=subprocess.PIPE,
+    # whatever is imported first, load_intervention's table is complete (heuristics registers "meandiff")
+    code = {m: f"import {m}; import locaudit.interventions as i; assert 'meandiff' in i._LOADERS, sorted(i._LOADERS)"
+            for m in modules}
+    procs = {m: subprocess.Popen([sys.executable, "-c", c], cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-             for m in modules}
+             for m, c in code.items()}
     for m, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (m, err[-2000:])

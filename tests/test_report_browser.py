@@ -96,8 +96,8 @@ def test_study_report_in_a_browser(browser, study_run, width, height):
 @pytest.mark.parametrize("width,height", VIEWPORTS)
 def test_audit_report_in_a_browser(browser, audit_run, width, height):
     facts = look(browser, audit_run, width, height)
-    assert_reads_well(facts, width, n_images=1)
-    assert facts["images"][0]["alt"] == "random null"
+    assert_reads_well(facts, width, n_images=2)
+    assert [i["alt"] for i in facts["images"]] == ["random null", "steering null"]
 
 
 # the verdict section's box, and every figure's and table's break rule and width, as laid out now

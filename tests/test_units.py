@@ -14,7 +14,7 @@ from locaudit.errors import LocauditError
 from locaudit.heads import parse_heads, random_heads, random_heads_like
 from locaudit.interventions import LocalizedRank1, NeuronRank1, ResidualRank1, load_intervention
 from locaudit.training import FitConfig, default_lr, fit
-from locaudit.units import GRAMMAR, KINDS, UnitSet, all_units, as_units, parse_units, random_units
+from locaudit.units import GRAMMAR, KINDS, UnitSet, all_units, as_units, check_names, parse_units, random_units
 from locaudit.unitsets import LAYER_GRAMMAR, NEURON_GRAMMAR, parse_layers, parse_neurons
 from locaudit.models import wrap_model
 from tests.conftest import byte_tokenizer, make_tiny
@@ -61,6 +61,17 @@ def test_grammar_errors_are_one_line(spec, message):
     assert message in text and "\n" not in text
     if "malformed" in message or "empty" in message:
         assert GRAMMAR in text  # the grammar of every kind, with examples
+    if "L1A" not in spec:  # what needs no model fails the same way before a model is loaded
+        with pytest.raises(LocauditError) as early:
+            check_names(spec)
+        assert str(early.value) == text
+
+
+def test_check_names_needs_no_model():
+    assert [check_names(s).name for s in ("L3H1,L2A", "L0N5", "L7", ["L1", "L2"])] == ["heads", "neurons", "layers",
+                                                                                        "layers"]
+    with pytest.raises(LocauditError, match="head L1H0 is listed twice"):
+        parse_units("L1H0,L1A", make_tiny("llama").arch)  # an expanded L<l>A is checked with the model
 
 
 def test_kind_parsers_name_their_grammar():

@@ -5,9 +5,12 @@ Arms: `none` (the unedited model), `claim` (the unit kind's optimal edit, e.g. f
 with b non-zero only on the claimed heads; `units.py`), `random-<i>` (the same edit at R random sets of the
 claim's kind and size, drawn from every layer or matched to the claim's layers), and `full` (a rank-1 LoRA on every layer's W: the common ceiling).
 Each fitted arm is trained to its optimum at every tau of the grid (`fit_optimal_edit`), its tau chosen on
-validation items by the task's statistic, and scored on test items. Every (arm, tau) trial is one JSON file
-written atomically under `out/trials/`, so an interrupted audit resumes where it stopped and a rerun recomputes
-nothing; the same seed gives the same audit.
+validation items by the task's statistic, and scored on test items. With `AuditConfig.steering`, the arms
+`claim-steer` and `random-<i>-steer` evaluate the claim's steering heuristic (ITI for heads, mean-difference
+steering for neurons and layers; `audit.steering`) at the same units, its multiplier chosen on validation items.
+The claim may be a heuristic's (`audit.claims`: probe:K, atp-heads:K, atp-neurons:K, atp-layers:K, sweep).
+Every trial is one JSON file written atomically under `out/trials/`, so an interrupted audit resumes where it
+stopped and a rerun recomputes nothing; the same seed gives the same audit.
 """
 
 from __future__ import annotations
@@ -15,81 +18,52 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from locaudit.audit.claims import Claim, heuristic_record, resolve_claim
+from locaudit.audit.config import AuditConfig
+from locaudit.audit.steering import STEERING, SteeringSource
 from locaudit.errors import LocauditError
 from locaudit.heads import HeadSet
-from locaudit.models import Arch
-from locaudit.units import UnitSet, as_units, parse_units, random_units
+from locaudit.heuristics import choose_alpha
 from locaudit.interventions import Intervention, NoEdit, load_intervention
-from locaudit.models import LoadedModel, load_model
+from locaudit.models import Arch, LoadedModel, load_model
 from locaudit.storage import atomic_write_json, prepare_out_dir, read_json
 from locaudit.tasks import ItemScores, Task, TaskSplit, load_task
 from locaudit.training import FitConfig, fit_summary
+from locaudit.units import UnitSet, as_units, parse_units, random_units
 
-AUDIT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """How an audit is sized. `from_preset` takes these from a study preset (`smoke`, `quick`, `paper`)."""
-
-    n_random: int = 16
-    match_layers: bool = False  # random sets with the claim's number of heads in each of its layers
-    taus: tuple[float, ...] = (0.1,)
-    limit_items: int | None = None  # a stratified random subset of the task's items before splitting
-    max_val_items: int | None = None
-    max_test_items: int | None = None
-    seed: int = 0
-    n_boot: int = 2000
-    batch_size: int = 16
-    full: bool = True  # fit full alignment (the ceiling the claim's effect is measured against)
-    fit: FitConfig = field(default_factory=FitConfig)
-
-    def __post_init__(self):
-        if isinstance(self.n_random, bool) or not isinstance(self.n_random, int) or self.n_random < 0:
-            raise LocauditError(f"the number of random sets must be an integer >= 0, got {self.n_random!r}")
-        if not self.taus or any(not t > 0 for t in self.taus):
-            raise LocauditError(f"taus must be a non-empty list of values > 0, got {self.taus!r}")
-        for name in ("limit_items", "max_val_items", "max_test_items"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise LocauditError(f"{name} must be positive, got {v}")
-        if self.n_boot <= 0 or self.batch_size <= 0:
-            raise LocauditError(f"n_boot and batch_size must be positive, got {self.n_boot}, {self.batch_size}")
-
-    @classmethod
-    def from_preset(cls, preset, **overrides) -> "AuditConfig":
-        """Sizes from a study preset: its random sets, tau grid, question limits, bootstrap and fit settings."""
-        from locaudit.study import load_preset
-
-        p = load_preset(preset) if isinstance(preset, str) else preset
-        base = dict(n_random=p.study.n_random_sets, taus=tuple(p.study.taus), limit_items=p.data.limit_questions,
-                    max_val_items=p.study.max_val_questions, max_test_items=p.study.max_test_questions,
-                    seed=p.data.seed, n_boot=p.study.n_boot, batch_size=p.eval.batch_size, fit=p.fit)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+AUDIT_VERSION = 2
+STEER_KINDS = ("claim-steer", "random-steer")
 
 
 @dataclass(frozen=True)
 class Arm:
     name: str
-    kind: str  # none | claim | random | full
+    kind: str  # none | claim | random | full | claim-steer | random-steer
     units: UnitSet | None  # None: no edit (none) or every layer (full)
+
+    @property
+    def steers(self) -> bool:
+        """Whether the arm evaluates the steering heuristic (else the optimal edit, or nothing)."""
+        return self.kind in STEER_KINDS
 
     def describe(self) -> str:
         if self.kind == "none":
             return "unedited model"
         if self.kind == "full":
             return "full alignment (rank-1 LoRA on every layer)"
+        if self.steers:
+            return f"{STEERING[self.units.kind].name} at {self.units.spec()}"
         return self.units.spec()
 
 
 def plan(claim: UnitSet | HeadSet, arch: Arch, cfg: AuditConfig) -> list[Arm]:
-    """The audit's arms in run order: none, claim, the random sets, full. Random sets have the claim's kind and
-    size (`units.random_units`); a draw equal to the claim or to an earlier set is replaced by the next seed's
-    draw; the seeds are `seed * 1000 + 1` and on."""
+    """The audit's arms in run order: none, claim, the random sets, full, then (with `cfg.steering`) the steering
+    heuristic at the claim and at each random set. Random sets have the claim's kind and size
+    (`units.random_units`); a draw equal to the claim or to an earlier set is replaced by the next seed's draw;
+    the seeds are `seed * 1000 + 1` and on."""
     claim = as_units(claim)
     arms = [Arm("none", "none", None), Arm("claim", "claim", claim)]
     s = cfg.seed * 1000
@@ -107,6 +81,8 @@ def plan(claim: UnitSet | HeadSet, arch: Arch, cfg: AuditConfig) -> list[Arm]:
         arms.append(Arm(f"random-{i:02d}", "random", us))
     if cfg.full:
         arms.append(Arm("full", "full", None))
+    if cfg.steering:
+        arms += [Arm(f"{a.name}-steer", f"{a.kind}-steer", a.units) for a in arms if a.kind in ("claim", "random")]
     return arms
 
 
@@ -135,7 +111,8 @@ def _tau_tag(tau: float) -> str:
 
 @dataclass
 class AuditRun:
-    """Everything the trials of one audit share (built once)."""
+    """Everything the trials of one audit share (built once; the steering heuristics' probes and vectors on
+    first use)."""
 
     lm: LoadedModel
     task: Task
@@ -144,16 +121,25 @@ class AuditRun:
     out: Path
     split: TaskSplit
     progress: bool = True
+    resolved: Claim | None = None  # the claim's heuristic, whose probes / vectors the steering arms reuse
+    _source: SteeringSource | None = None
+    _val_base: float | None = None
 
     @property
     def val_items(self) -> tuple:
-        n = self.cfg.max_val_items
-        return self.split.val[:n] if n else self.split.val
+        return self.cfg.val_items(self.split)
 
     @property
     def test_items(self) -> tuple:
-        n = self.cfg.max_test_items
-        return self.split.test[:n] if n else self.split.test
+        return self.cfg.test_items(self.split)
+
+    @property
+    def source(self) -> SteeringSource:
+        if self._source is None:
+            r = self.resolved
+            self._source = SteeringSource(self.lm, self.task, self.split, self.cfg, probes=r and r.probes,
+                                          vectors=r and r.vectors, progress=self.progress)
+        return self._source
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -163,11 +149,14 @@ class AuditRun:
         return self.task.evaluate(self.lm, edit, items, tau=tau, batch_size=self.cfg.batch_size, progress=False)
 
     def trial_path(self, arm: Arm, tau: float | None) -> Path:
+        if arm.steers:
+            return self.out / "trials" / arm.name / "steer.json"
         return self.out / "trials" / arm.name / (f"{_tau_tag(tau)}.json" if tau is not None else "eval.json")
 
     def run_trial(self, arm: Arm, tau: float | None) -> dict:
         """One (arm, tau): fit (unless `none`), save the edit, score validation (when there is a tau to choose)
-        and test items; written atomically, and read back instead of recomputed when already there."""
+        and test items; a steering arm (tau None) chooses its multiplier on validation items instead of fitting.
+        Written atomically, and read back instead of recomputed when already there."""
         path = self.trial_path(arm, tau)
         if path.is_file():
             try:
@@ -177,7 +166,9 @@ class AuditRun:
         t0 = time.time()
         record = {"arm": arm.name, "kind": arm.kind, "units": None if arm.units is None else arm.units.names,
                   "tau": tau, "split_hash": self.split.hash}
-        if arm.kind == "none":
+        if arm.steers:
+            edit = self._steer(arm, record)
+        elif arm.kind == "none":
             edit = NoEdit()
         else:
             result = fit_edit(self.lm, self.task, arm.units, replace(self.cfg.fit, tau=tau), seed=self.cfg.seed,
@@ -191,12 +182,35 @@ class AuditRun:
                                                       "n_train_pairs", "n_val_pairs", "attempts")}
             record["fit"]["lr"] = result.config.lr
             record["edit_dir"] = str(edit_dir.relative_to(self.out))
-        if len(self.cfg.taus) > 1 and arm.kind != "none":
+        if len(self.cfg.taus) > 1 and arm.kind not in ("none", *STEER_KINDS):
             record["val"] = self.evaluate(edit, self.val_items, tau).as_dict()
         record["test"] = self.evaluate(edit, self.test_items, tau if tau is not None else self.cfg.taus[0]).as_dict()
         record["seconds"] = time.time() - t0
         atomic_write_json(path, record)
         return record
+
+    def val_base(self) -> float:
+        """The unedited model's statistic on the validation items (each steering arm's alpha choice compares to it)."""
+        if self._val_base is None:
+            self._val_base = float(self.task.statistic(self.evaluate(None, self.val_items, self.cfg.taus[0])))
+        return self._val_base
+
+    def _steer(self, arm: Arm, record: dict) -> Intervention:
+        """The steering heuristic at the arm's units, at the multiplier of its grid with the best validation
+        statistic (`heuristics.choose_alpha`); saved under edits/, its choice recorded in `record`."""
+        heuristic = STEERING[arm.units.kind]
+        steer = heuristic.build(self.source, arm.units)
+        choice = choose_alpha(self.lm, self.task, steer, heuristic.grid(self.cfg), self.val_items,
+                              batch_size=self.cfg.batch_size, base=self.val_base())
+        edit = steer(choice.alpha)
+        edit_dir = self.out / "edits" / f"{arm.name}-alpha{choice.alpha:g}"
+        edit.save(edit_dir, extra={"model": self.lm.name, "task": self.task.spec(), "arm": arm.name,
+                                   "split_hash": self.split.hash})
+        record.update({"steering": heuristic.name, "alpha": choice.alpha,
+                       "alpha_choice": {"alphas": list(choice.alphas), "values": list(choice.values),
+                                        "base": choice.base, "n_val": len(self.val_items)},
+                       "edit_dir": str(edit_dir.relative_to(self.out))})
+        return edit
 
     def load_edit(self, record: dict) -> Intervention:
         if record["kind"] == "none":
@@ -209,6 +223,8 @@ def _trial_line(k: int, n: int, arm: Arm, tau: float | None, r: dict, primary: s
     parts = [f"[{k}/{n}] {arm.name} ({arm.describe()})"]
     if tau is not None:
         parts.append(f"tau={tau:g}")
+    if r.get("alpha") is not None:
+        parts.append(f"alpha={r['alpha']:g}")
     parts.append(f"test {primary}={ItemScores.from_dict(r['test']).mean(primary):.3f}")
     if fit:
         parts.append(f"fit {fit['status']} after {fit['steps']} steps")
@@ -216,31 +232,21 @@ def _trial_line(k: int, n: int, arm: Arm, tau: float | None, r: dict, primary: s
     return " ".join(parts)
 
 
-def resolve_claim(claim: UnitSet | HeadSet | str, lm: LoadedModel, task: Task, split: TaskSplit, cfg: AuditConfig,
-                  out: Path | None = None, progress: bool = False) -> UnitSet:
-    """The claim as a unit set: given units, names ("L12H3,L14H1", "L3N100,L3N7", "L12"), or "probe:K", the top K
-    heads of ITI-style probes trained on the task's training items and ranked by accuracy on its validation items
-    (the heuristic claim such a study would make; the probes are written under `out/probes`)."""
-    from locaudit.probes import probe_task
-
-    a = lm.arch
-    if not isinstance(claim, str):
-        return as_units(claim).validate(a)
-    text = claim.strip()
-    if not text.lower().startswith("probe:"):
-        return parse_units(text, a)
-    k = text.partition(":")[2].strip()
-    if not k.isdigit() or not 0 < int(k) <= a.n_total_heads:
-        raise LocauditError(f"claim {text!r}: give probe:K with K a number of heads from 1 to {a.n_total_heads}")
-    result = probe_task(lm, task, split, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
-    if out is not None:
-        result.save(out / "probes")
-    return as_units(HeadSet(result.top(int(k)).heads, f"probe-top{k}"))
-
-
-def _config_record(lm: LoadedModel, task: Task, claim: UnitSet, cfg: AuditConfig) -> dict:
-    return {"version": AUDIT_VERSION, "model": lm.name, "task": task.spec(), "claim": claim.names,
+def _config_record(lm: LoadedModel, task: Task, claim, cfg: AuditConfig) -> dict:
+    """audit.json without the claim's units: what must match before a heuristic claim is (re)computed here."""
+    return {"version": AUDIT_VERSION, "model": lm.name, "task": task.spec(),
+            "heuristic": heuristic_record(claim) if isinstance(claim, str) else None,
             "config": json.loads(json.dumps(asdict(cfg)))}
+
+
+def _check_same(prev: Path, record: dict, out: Path) -> None:
+    """Refuse an output directory holding another audit (`record` without "claim": compare everything else)."""
+    if not prev.is_file():
+        return
+    old = read_json(prev)
+    if not isinstance(old, dict) or {k: v for k, v in old.items() if k != "claim" or "claim" in record} != record:
+        raise LocauditError(f"{out} holds an audit with different settings; give a new output directory or the same "
+                            f"settings")
 
 
 def audit(claim: UnitSet | HeadSet | str, task: Task | str, out: str | Path, config: AuditConfig | None = None,
@@ -248,8 +254,9 @@ def audit(claim: UnitSet | HeadSet | str, task: Task | str, out: str | Path, con
     """Audit the claim that `task`'s behaviour lives at the units `claim` (module docstring); write trials, the
     report (report.md, report.html), results.json and results.csv under `out`; return the `AuditResult`.
 
-    `claim`: a unit set or names like "L12H3,L14H1", "L3N100,L3N7", "L12", or "probe:K"; `task`: a Task or its spec (`truthfulqa`, `caa:sycophancy`,
-    a .jsonl path); `lm`: a loaded model, a model id/path, or None for the embedded default."""
+    `claim`: a unit set, names like "L12H3,L14H1", "L3N100,L3N7", "L12", or a heuristic's claim (probe:K,
+    atp-heads:K, atp-neurons:K, atp-layers:K, sweep; `audit.claims`); `task`: a Task or its spec (`truthfulqa`,
+    `caa:sycophancy`, a .jsonl path); `lm`: a loaded model, a model id/path, or None for the embedded default."""
     from locaudit.audit.report import write_audit_report
     from locaudit.audit.verdict import summarize
 
@@ -260,17 +267,18 @@ def audit(claim: UnitSet | HeadSet | str, task: Task | str, out: str | Path, con
         lm = load_model(lm) if lm is not None else load_model()
     a = lm.arch
     split = task.split(cfg.seed, cfg.limit_items)
-    claim = resolve_claim(claim, lm, task, split, cfg, out, progress)
     record = _config_record(lm, task, claim, cfg)
     prev = out / "audit.json"
-    if prev.is_file() and read_json(prev) != record:
-        raise LocauditError(f"{out} holds an audit with different settings; give a new output directory or the same settings")
+    _check_same(prev, record, out)  # before a heuristic writes anything here
+    resolved = resolve_claim(claim, lm, task, split, cfg, out, progress, key=dict(record))
+    record["claim"] = resolved.units.names
+    _check_same(prev, record, out)
     atomic_write_json(prev, record)
-    run = AuditRun(lm, task, claim, cfg, out, split, progress)
-    arms = plan(claim, a, cfg)
+    run = AuditRun(lm, task, resolved.units, cfg, out, split, progress, resolved)
+    arms = plan(resolved.units, a, cfg)
     trials: dict[str, list[dict]] = {}
     t0 = time.time()
-    todo = [(arm, tau) for arm in arms for tau in ((None,) if arm.kind == "none" else cfg.taus)]
+    todo = [(arm, tau) for arm in arms for tau in ((None,) if arm.kind == "none" or arm.steers else cfg.taus)]
     for k, (arm, tau) in enumerate(todo, 1):
         done = run.trial_path(arm, tau).is_file()
         r = run.run_trial(arm, tau)

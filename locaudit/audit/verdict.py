@@ -10,6 +10,12 @@ score; True*Info for TruthfulQA), base the unedited model:
 - each random set's fraction of full alignment (the paper's observation: random sets often reach most of it).
 A random set whose fit never left the identity ("stuck", after retries) is left out of the null, which makes
 the null harder to beat (the verdict says what counting it would give).
+
+With steering arms (`AuditConfig.steering`), a second, parallel comparison (`Comparison`, results.json's
+`steering`): the claim's steering heuristic (ITI for heads, mean-difference steering for neurons and layers) at
+the claim against the same heuristic at the random sets, with the same statistics (percentile, rank p, fraction
+of full alignment's gain) and its own strength and sentence (`uninformative` when steering moves the behaviour
+measurably neither at the claim nor at any random set).
 """
 
 from __future__ import annotations
@@ -18,11 +24,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from locaudit.audit.steering import STEERING
 from locaudit.stats import NullTest, null_test, ordinal
 from locaudit.tasks import ItemScores
 
 LEVEL = 0.95
 ALPHA = 0.05
+
+
+@dataclass
+class Comparison:
+    """The steering heuristic at the claim against the same heuristic at the random sets (module docstring)."""
+
+    heuristic: str  # audit.steering.STEERING's name: iti | meandiff | caa
+    what: str  # how the verdict names it
+    null: NullTest
+    frac_full: tuple[float, float, float]  # point, lo, hi
+    random_frac_full: list[float]
+    strength: str  # singled-out | weak | none | uninformative | inconclusive
+    verdict: str
+
+    def as_dict(self) -> dict:
+        return {"heuristic": self.heuristic, "what": self.what, "null": self.null.as_dict(),
+                "frac_full": {"point": self.frac_full[0], "lo": self.frac_full[1], "hi": self.frac_full[2],
+                              "level": LEVEL},
+                "random_frac_full": self.random_frac_full, "strength": self.strength, "verdict": self.verdict}
 
 
 @dataclass
@@ -33,7 +59,7 @@ class AuditResult:
     claim: list[str]
     n_test: int
     n_val: int
-    rows: list[dict]  # one per arm: arm, kind, units, tau, value, ci, gain, status, steps, fit_seconds, metrics
+    rows: list[dict]  # one per arm: arm, kind, units, tau, alpha, value, ci, gain, status, steps, fit_seconds, metrics
     null: NullTest
     null_including_stuck: NullTest
     frac_full: tuple[float, float, float]  # point, lo, hi
@@ -42,6 +68,8 @@ class AuditResult:
     verdict: str
     wall_seconds: float
     config: dict = field(default_factory=dict)
+    steering: Comparison | None = None  # None: no steering arms
+    heuristic: dict | None = None  # the heuristic that chose the claim (audit.json's record); None: named units
 
     def row(self, arm: str) -> dict:
         return next(r for r in self.rows if r["arm"] == arm)
@@ -53,7 +81,8 @@ class AuditResult:
                 "frac_full": {"point": self.frac_full[0], "lo": self.frac_full[1], "hi": self.frac_full[2],
                               "level": LEVEL},
                 "random_frac_full": self.random_frac_full, "strength": self.strength, "verdict": self.verdict,
-                "wall_seconds": self.wall_seconds, "config": self.config})
+                "wall_seconds": self.wall_seconds, "config": self.config, "heuristic": self.heuristic,
+                "steering": None if self.steering is None else self.steering.as_dict()})
 
 
 def _finite(obj):
@@ -106,7 +135,8 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
         fit = r.get("fit") or {}
         rows.append({
             "arm": a.name, "kind": a.kind, "units": None if a.units is None else a.units.names, "tau": r.get("tau"),
-            "value": stat[a.name], "ci": list(_interval(boot[a.name])), "gain": stat[a.name] - base,
+            "alpha": r.get("alpha"), "steering": r.get("steering"), "value": stat[a.name],
+            "ci": list(_interval(boot[a.name])), "gain": stat[a.name] - base,
             "gain_ci": list(_interval(boot[a.name] - boot["none"])),
             "status": fit.get("status"), "steps": fit.get("steps"), "fit_seconds": fit.get("seconds"),
             "metrics": {m: scores[a.name].mean(m) for m in scores[a.name].scores},
@@ -128,10 +158,34 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
         frac, rand_frac = (float("nan"),) * 3, []
     strength, text = _verdict(task, run, claim_row, full_row, base, null, null_all, frac, rand_frac, n,
                               n_stuck=len(randoms) - len(live))
+    steering = _steering(task, run, rows, stat, boot, base, full_row)
+    config = {"n_random": cfg.n_random, "match_layers": cfg.match_layers, "taus": list(cfg.taus),
+              "n_boot": cfg.n_boot, "seed": cfg.seed, "steering": cfg.steering}
+    if cfg.steering:
+        config.update(alphas=list(cfg.alphas), meandiff_alphas=list(cfg.meandiff_alphas))
+    resolved = run.resolved
     return AuditResult(task.spec(), task.primary, run.lm.name, run.claim.names, n, len(run.val_items), rows, null,
-                       null_all, frac, rand_frac, strength, text, wall_seconds,
-                       config={"n_random": cfg.n_random, "match_layers": cfg.match_layers, "taus": list(cfg.taus),
-                               "n_boot": cfg.n_boot, "seed": cfg.seed})
+                       null_all, frac, rand_frac, strength, text, wall_seconds, config=config, steering=steering,
+                       heuristic=None if resolved is None else resolved.heuristic)
+
+
+def _steering(task, run, rows: list[dict], stat: dict, boot: dict, base: float, full: dict | None) -> Comparison | None:
+    """The steering heuristic's comparison (module docstring); None without steering arms."""
+    claim = next((r for r in rows if r["kind"] == "claim-steer"), None)
+    if claim is None:
+        return None
+    randoms = [r for r in rows if r["kind"] == "random-steer"]
+    null = null_test(claim["value"], [r["value"] for r in randoms])
+    if full is not None:
+        point = float(_ratio(stat["claim-steer"] - base, stat["full"] - base))
+        lo, hi = _interval(_ratio(boot["claim-steer"] - boot["none"], boot["full"] - boot["none"]))
+        frac = (point, lo, hi)
+        rand_frac = [r["frac_full"] for r in randoms]
+    else:
+        frac, rand_frac = (float("nan"),) * 3, []
+    heuristic = STEERING[run.claim.kind]
+    strength, text = _steering_verdict(task, heuristic.what, claim, randoms, full, base, null, frac, rand_frac)
+    return Comparison(heuristic.name, heuristic.what, null, frac, rand_frac, strength, text)
 
 
 def _unit_word(units) -> str:
@@ -172,17 +226,67 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
     if n_stuck:
         parts.append(f"{n_stuck} random set(s) never trained (stuck) and are left out; counting them the claim is at "
                      f"the {ordinal(null_all.percentile)} percentile (rank p = {null_all.p_rank:.3f}).")
-    above = claim["value"] > null.random_mean
+    place = _place(claim["value"], null)
+    floor = 1 / (null.n_random + 1)
+    ending = {
+        "singled-out": " Editing singles out the claimed units: the optimal edit there beats random locations of the "
+                       "same size.",
+        "floor": f" The claim beats every random set, but with {null.n_random} sets the rank p cannot fall below "
+                 f"{floor:.3f}: weak evidence at most; run more random sets.",
+        "weak": " The claim scores above the random average but not beyond what random locations reach: weak "
+                "evidence at most.",
+        "none": " Random locations do as well: editing gives no evidence that the behaviour is localized at the "
+                "claimed units."}[place]
+    return ("weak" if place == "floor" else place), " ".join(parts) + ending
+
+
+def _place(value: float, null: NullTest) -> str:
+    """Where the claim's value falls in a random null: singled-out (above the random mean, rank p <= ALPHA),
+    floor (above every random set, but too few sets for rank p <= ALPHA), weak (above the mean) or none."""
+    above = value > null.random_mean
     if above and null.p_rank <= ALPHA:
-        return "singled-out", " ".join(parts) + (
-            " Editing singles out the claimed units: the optimal edit there beats random locations of the same size.")
+        return "singled-out"
     floor = 1 / (null.n_random + 1)
     if above and floor > ALPHA and null.p_rank <= floor + 1e-12:
-        return "weak", " ".join(parts) + (
-            f" The claim beats every random set, but with {null.n_random} sets the rank p cannot fall below "
-            f"{floor:.3f}: weak evidence at most; run more random sets.")
-    if above:
-        return "weak", " ".join(parts) + (" The claim scores above the random average but not beyond what random "
-                                          "locations reach: weak evidence at most.")
-    return "none", " ".join(parts) + (" Random locations do as well: editing gives no evidence that the behaviour "
-                                      "is localized at the claimed units.")
+        return "floor"
+    return "weak" if above else "none"
+
+
+def _moved(row: dict) -> bool:
+    """Whether the arm changes the statistic measurably: its paired 95% interval of the gain excludes 0."""
+    lo, hi = row["gain_ci"]
+    return bool(lo > 0 or hi < 0)
+
+
+def _steering_verdict(task, what: str, claim: dict, randoms: list[dict], full: dict | None, base: float,
+                      null: NullTest, frac: tuple, rand_frac: list[float]) -> tuple[str, str]:
+    """(strength, plain-words sentence) of the steering comparison, worded like the optimal edit's. It is
+    `uninformative` when steering moves the behaviour measurably neither at the claim nor at any random set (a
+    steering edit can move what a short fit of full alignment does not, so full alignment does not gate it)."""
+    stat = "True*Info" if task.primary == "truth_info" else task.primary
+    parts = [f"{what} at the claim, with the multiplier chosen on validation items ({claim['alpha']:g}), moves {stat} "
+             f"from {_f(base)} to {_f(claim['value'])} (95% CI {_f(claim['ci'][0])}-{_f(claim['ci'][1])})"
+             + (f", {_f(frac[0])} of full alignment's gain (paired 95% CI {_f(frac[1])}-{_f(frac[2])})."
+                if full is not None else ".")]
+    if null.n_random == 0:
+        return "inconclusive", " ".join(parts) + " No random set was steered: no comparison."
+    if not any(_moved(r) for r in [claim, *randoms]):
+        return "uninformative", " ".join(parts) + (f" {what} moves the behaviour measurably neither at the claim nor at "
+                                                   f"any of the {null.n_random} random sets on these items, so it "
+                                                   f"cannot say where the behaviour lives.")
+    rv = [r for r in rand_frac if r is not None and np.isfinite(r)]
+    parts.append(f"The same heuristic at {null.n_random} random sets of the same size reaches {_f(null.random_mean)} "
+                 f"on average (sd {_f(null.random_sd)}); the claim is at the {ordinal(null.percentile)} percentile "
+                 f"(rank p = {null.p_rank:.3f})"
+                 + (f", and random sets reach a median {np.median(rv):.2f} of full alignment's gain." if rv else "."))
+    place = _place(claim["value"], null)
+    floor = 1 / (null.n_random + 1)
+    ending = {
+        "singled-out": f" {what} works better at the claimed units than at random units of the same size.",
+        "floor": f" The claim beats every random set, but with {null.n_random} sets the rank p cannot fall below "
+                 f"{floor:.3f}: weak evidence at most; run more random sets.",
+        "weak": f" {what} works somewhat better at the claimed units than at random ones, but not beyond what random "
+                f"units reach: weak evidence at most.",
+        "none": f" {what} works as well at random units: steering gives no evidence that the behaviour is localized "
+                f"at the claimed units."}[place]
+    return ("weak" if place == "floor" else place), " ".join(parts) + ending

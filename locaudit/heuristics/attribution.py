@@ -32,13 +32,11 @@ from tqdm.auto import tqdm
 from locaudit.errors import LocauditError
 from locaudit.heads import HeadSet, parse_heads
 from locaudit.heuristics.rows import pair_batches, pair_margins, row_logprobs, task_pairs
-from locaudit.heuristics.sites import site
+from locaudit.heuristics.sites import KIND_SITES, site
 from locaudit.models import LoadedModel
 from locaudit.training import EncodedPairs
 
 BASELINES = ("zero", "mean")
-# unit kind (field of Attribution) -> the activation site its units live at
-UNIT_SITES = {"heads": "heads", "neurons": "neurons", "layers": "residual"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,8 +52,8 @@ class Attribution:
 
     def effects(self, kind: str) -> np.ndarray:
         """The (L, units) array of `kind` (heads, neurons or layers; layers as (L, 1))."""
-        if kind not in UNIT_SITES:
-            raise LocauditError(f"unknown unit kind {kind!r}; use one of {', '.join(UNIT_SITES)}")
+        if kind not in KIND_SITES:
+            raise LocauditError(f"unknown unit kind {kind!r}; use one of {', '.join(KIND_SITES)}")
         e = getattr(self, kind)
         return e.reshape(e.shape[0], -1)
 
@@ -64,7 +62,7 @@ class Attribution:
         e = self.effects(kind)
         layer, index = np.indices(e.shape)
         order = np.lexsort((index.ravel(), layer.ravel(), -np.abs(e).ravel()))
-        name = site(UNIT_SITES[kind]).unit_name
+        name = site(KIND_SITES[kind]).unit_name
         return [name(int(layer.flat[j]), int(index.flat[j])) for j in order]
 
     def top(self, kind: str, k: int) -> list[str]:
@@ -98,7 +96,7 @@ def attribute_pairs(lm: LoadedModel, enc: EncodedPairs, *, baseline: str = "zero
     if len(enc) == 0:
         raise LocauditError("no preference pairs to attribute; pass items with chosen and rejected answers")
     arch = lm.arch
-    sites = {kind: site(name) for kind, name in UNIT_SITES.items()}
+    sites = {kind: site(name) for kind, name in KIND_SITES.items()}
     keys = [(kind, l) for kind in sites for l in range(arch.n_layers)]
     widths = {kind: s.width(arch) for kind, s in sites.items()}
     # per (kind, layer), over every answer-predicting position of every row: sum of g*a, of g and of a

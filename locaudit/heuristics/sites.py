@@ -9,12 +9,12 @@
 
 `Site.hook(arch, l, fn)` installs a hook that passes the site's (batch, tokens, width) activation to `fn` and
 uses what `fn` returns in its place (None: unchanged), whether the site is a module's input (pre-hook) or a
-block's output (forward hook; a tuple output has the hidden states first). `parse_units` reads unit names back.
+block's output (forward hook; a tuple output has the hidden states first). `site_units` reads unit names back
+(with `locaudit.units.parse_units`: one grammar, and one set of errors, for every unit name).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from locaudit.errors import LocauditError
 from locaudit.models import Arch
+from locaudit.units import parse_units
 
 
 @dataclass(frozen=True)
@@ -81,34 +82,13 @@ def check_layers(layers, arch: Arch) -> list[int]:
     return out
 
 
-_UNIT = re.compile(r"L([0-9]{1,9})(?:([HN])([0-9]{1,9}))?")
-_KIND_OF = {None: "residual", "H": "heads", "N": "neurons"}  # the letter in a unit name -> its site
-UNIT_EXAMPLE = "name units as L<layer> (a layer), L<layer>H<head> (a head) or L<layer>N<neuron> (an MLP neuron), e.g. L3N17"
+# unit kind (`locaudit.units.KINDS`) -> the activation site its units live at
+KIND_SITES = {"heads": "heads", "neurons": "neurons", "layers": "residual"}
 
 
-def parse_units(names, arch: Arch) -> tuple[str, dict[int, list[int]]]:
-    """Unit names of one kind (`Site.unit_name`'s: `L3`, `L3H1`, `L3N17`; a list or comma-separated text) as
-    (site name, {layer: sorted unit indices}), checked against the model's shape."""
-    if isinstance(names, str):
-        names = names.split(",")
-    parsed = []
-    for n in names:
-        m = _UNIT.fullmatch(str(n).strip())
-        if not m:
-            raise LocauditError(f"malformed unit name {str(n)[:40]!r}; {UNIT_EXAMPLE}")
-        parsed.append((_KIND_OF[m.group(2)], int(m.group(1)), int(m.group(3) or 0), str(n).strip()))
-    if not parsed:
-        raise LocauditError(f"no unit names given; {UNIT_EXAMPLE}")
-    kinds = sorted({p[0] for p in parsed})
-    if len(kinds) > 1:
-        raise LocauditError(f"units of different kinds ({', '.join(kinds)}) in one set; give layers, heads or neurons only")
-    s = SITES[kinds[0]]
-    units: dict[int, list[int]] = {}
-    for _, l, i, name in parsed:
-        if not (0 <= l < arch.n_layers and 0 <= i < s.n_units(arch)):
-            raise LocauditError(f"unit {name} is out of range: this model has layers 0..{arch.n_layers - 1} and "
-                                f"{s.n_units(arch)} {s.name} unit(s) per layer (0-based)")
-        if i in units.setdefault(l, []):
-            raise LocauditError(f"unit {name} is listed twice; give each unit once")
-        units[l].append(i)
-    return s.name, {l: sorted(v) for l, v in sorted(units.items())}
+def site_units(names, arch: Arch) -> tuple[str, dict[int, list[int]]]:
+    """Unit names of one kind (a list or comma-separated text, in `locaudit.units`' grammar: `L3`, `L3H1`, `L3A`,
+    `L3N17`) as (site name, {layer: sorted unit indices}), checked against the model's shape; bad names get that
+    grammar's one-line errors."""
+    units = parse_units(names, arch)
+    return KIND_SITES[units.kind], {l: sorted(ix) for l, ix in units.by_layer().items()}

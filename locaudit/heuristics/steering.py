@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 
 from locaudit.errors import LocauditError
 from locaudit.heuristics.rows import check_answer_token, pair_batches, task_pairs
-from locaudit.heuristics.sites import check_layers, parse_units, site
-from locaudit.interventions import PLACEMENTS, Intervention, declared_positions
+from locaudit.heuristics.sites import check_layers, site, site_units
+from locaudit.interventions import PLACEMENTS, Intervention, declared_positions, register_loader
 from locaudit.models import Arch, LoadedModel
 from locaudit.storage import read_json
 from locaudit.training import EncodedPairs
@@ -123,7 +123,7 @@ class MeanDiffSteering(Intervention):
                  batch_size: int = 8, answer_token: int = -1) -> "MeanDiffSteering":
         """Steering at named units of one kind (`L5` a layer's residual stream, `L5N17,L6N2` MLP neurons,
         `L5H2` heads) by the mean difference over the preference pairs of `items` (the task's training items)."""
-        site_name, units = parse_units(names, lm.arch)
+        site_name, units = site_units(names, lm.arch)
         vectors = mean_diff_vectors(lm, task, items, site_name, list(units), batch_size, answer_token)
         whole = site_name == "residual"
         return cls(lm.arch, site_name, vectors, alpha, units=None if whole else units, placement=placement,
@@ -149,15 +149,20 @@ class MeanDiffSteering(Intervention):
             raise LocauditError(f"{meta_path} does not describe a steering edit (kind {cls.kind!r}); give the "
                                 f"directory a MeanDiffSteering was saved to")
         try:
-            tensors = load_file(str(tensor_path))
-            site_name, units = parse_units(meta["units"], arch)
-            vectors = {l: tensors[f"v.{l}"] for l in meta["layers"]}
-            return cls(arch, site_name, vectors, meta["alpha"], units=None if site_name == "residual" else units,
-                       placement=meta["placement"], label=meta.get("label", "meandiff"))
+            return cls.from_saved(meta, load_file(str(tensor_path)), arch)
         except KeyError as e:
             raise LocauditError(f"steering edit in {path} lacks {e}; it is incomplete, save it again") from None
         except (OSError, ValueError, RuntimeError, TypeError) as e:  # safetensors raises its own errors on corrupt files
             raise LocauditError(f"{tensor_path} is unreadable ({' '.join(str(e).split())[:120]}); save it again") from None
+
+    @classmethod
+    def from_saved(cls, meta: dict, tensors: Mapping[str, torch.Tensor], arch: Arch) -> "MeanDiffSteering":
+        """The edit from its edit.json (`meta`) and edit.safetensors (`tensors`): `load`, and the loader
+        `interventions.load_intervention` uses for kind "meandiff" (registered below)."""
+        site_name, units = site_units(meta["units"], arch)
+        vectors = {l: tensors[f"v.{l}"] for l in meta["layers"]}
+        return cls(arch, site_name, vectors, meta["alpha"], units=None if site_name == "residual" else units,
+                   placement=meta["placement"], label=meta.get("label", "meandiff"))
 
     def with_alpha(self, alpha: float) -> "MeanDiffSteering":
         """The same vectors and units at another multiplier (for alpha grids)."""
@@ -211,6 +216,9 @@ class MeanDiffSteering(Intervention):
         return {f"v.{l}": self.vector(l) for l in self.layers}
 
 
+register_loader(MeanDiffSteering.kind, MeanDiffSteering.from_saved)  # `load_intervention` reads saved steering edits
+
+
 def _finite_alpha(alpha) -> float:
     try:
         value = float(alpha)
@@ -240,10 +248,11 @@ class AlphaChoice:
 
 
 def choose_alpha(lm: LoadedModel, task, steer_factory: Callable[[float], Intervention], alphas: Sequence[float],
-                 val_items: Sequence, *, maximize: bool = True, batch_size: int = 16,
-                 progress: bool = False) -> AlphaChoice:
+                 val_items: Sequence, *, maximize: bool = True, batch_size: int = 16, progress: bool = False,
+                 base: float | None = None) -> AlphaChoice:
     """The alpha of the grid whose edit `steer_factory(alpha)` gives the highest (`maximize=False`: lowest)
-    `task.statistic` on `val_items`; ties go to the smaller |alpha|, then to the earlier in the grid."""
+    `task.statistic` on `val_items`; ties go to the smaller |alpha|, then to the earlier in the grid. `base`: the
+    unsteered statistic on `val_items` when the caller already has it (it is then not evaluated again)."""
     grid = [float(a) for a in alphas]
     if not grid:
         raise LocauditError("empty alpha grid; give at least one multiplier, e.g. alphas=(0.5, 1, 2, 4)")
@@ -256,7 +265,7 @@ def choose_alpha(lm: LoadedModel, task, steer_factory: Callable[[float], Interve
     def stat(edit):
         return float(task.statistic(task.evaluate(lm, edit, val_items, batch_size=batch_size, progress=progress)))
 
-    base = stat(None)
+    base = stat(None) if base is None else float(base)
     values = [stat(steer_factory(a)) for a in grid]
     sign = 1.0 if maximize else -1.0
     finite = [j for j, v in enumerate(values) if np.isfinite(v)]
