@@ -28,10 +28,13 @@ def main() -> None:
     order = stratified_order(qs, args.seed)
     qs = [qs[i] for i in (order[:args.limit] if args.limit else order)]
     types = {q.id: q.type for q in qs}
+    pairs = preference_pairs(qs)
+    kept = [p for p in pairs if p.chosen != p.rejected]  # TruthfulQA lists a few answers as both true and false
     lines = [json.dumps({"prompt": f"Q: {p.question}\nA:", "chosen": " " + p.chosen, "rejected": " " + p.rejected,
-                         "group": types[p.qid]}) for p in preference_pairs(qs)]
+                         "group": types[p.qid]}) for p in kept]
     args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} pairs of {len(qs)} questions to {args.out}")
+    print(f"wrote {len(lines)} pairs of {len(qs)} questions to {args.out} "
+          f"(left out {len(pairs) - len(kept)} pairs whose two answers are the same text)")
 
 
 if __name__ == "__main__":
