@@ -66,6 +66,13 @@ def _float(text: str) -> float:
     return v
 
 
+def _nonneg_float(text: str) -> float:
+    v = _float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v:g}")
+    return v
+
+
 def _head_list(text: str) -> str:
     """Check a head list's syntax now (ranges need the model, checked once it is loaded)."""
     from locaudit.heads import parse_heads
@@ -191,9 +198,11 @@ def cmd_judge(args) -> None:
 def cmd_run(args) -> None:
     from datetime import datetime
 
-    from locaudit.study import load_preset, run_study, with_overrides
+    from locaudit.study import load_preset, make_backend, run_study, with_overrides
 
-    # the preset's dataclasses check every setting as they are built (and again with the overrides)
+    # the backend's and the preset's dataclasses check every setting as they are built (a missing Ray too)
+    backend = make_backend(args.backend, workers=args.workers, address=args.address, gpus_per_arm=args.gpus_per_arm,
+                           cpus_per_arm=args.cpus_per_arm)
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed,
                             judge=args.judge)
@@ -201,7 +210,7 @@ def cmd_run(args) -> None:
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     from locaudit.report import console_summary
 
-    results = run_study(preset, out, workers=args.workers)
+    results = run_study(preset, out, backend=backend)
     if results.get("deferred"):
         print(f"stored the answers of {results['n_trials']} trials in {out} without judging them (--judge none); "
               f"score them and write the report with: locaudit judge run {out}")
@@ -350,8 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int, default=None)
     p.add_argument("--judge", default=None, help="the preset's judge (default); `none` stores answers only, to be "
                                                  "scored later by `locaudit judge run DIR` (e.g. on a machine without judges)")
+    p.add_argument("--backend", default="local",
+                   help="where the arms run: local (default: this machine) or ray (a Ray cluster; pip install "
+                        "locaudit[ray]; --out must then be on a filesystem every node mounts, see docs/distributed.md)")
     p.add_argument("--workers", type=_positive_int, default=None,
-                   help="processes that run arms in parallel (default: one per CPU core, up to 8; 1 on a GPU)")
+                   help="workers that run arms in parallel (local: processes, default one per CPU core up to 8, or one "
+                        "per GPU, worker i on cuda:i mod n_gpus; ray: at most this many, default as many as the "
+                        "cluster holds)")
+    p.add_argument("--address", default=None, help="ray: the cluster's head node HOST:PORT, or local for a new "
+                                                   "instance here (default: the Ray instance this machine runs, else "
+                                                   "a new one)")
+    p.add_argument("--gpus-per-arm", type=_nonneg_float, default=None,
+                   help="ray: GPUs each worker holds, a fraction shares one (default 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-arm", type=_float, default=None, help="ray: CPUs each worker holds (default 1)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("audit", help="audit a localization claim: the optimal edit (and the claim's steering "

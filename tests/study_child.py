@@ -84,13 +84,18 @@ def patched(hang_at_trial: int = 0):
 
     from locaudit import storage
     from locaudit import study as ex
+    from locaudit.study import LocalBackend
     from tests.conftest import make_tiny
 
     orig_run, orig_write, threads = ex.run_study, storage.atomic_write, torch.get_num_threads()
 
-    def run_study(preset, out, progress=True, lm=None, judges=None, workers=None):
+    def run_study(preset, out, progress=True, lm=None, judges=None, workers=None, backend=None):
+        if backend is None:
+            backend = LocalBackend(workers or 1)
+        elif isinstance(backend, LocalBackend) and backend.workers is None:
+            backend = LocalBackend(1)  # one process unless the command asks for more
         return orig_run(preset, out, progress=False, lm=lm or make_tiny("llama"),
-                        judges=judges or (HashJudge("truth"), HashJudge("info")), workers=workers or 1)
+                        judges=judges or (HashJudge("truth"), HashJudge("info")), backend=backend)
 
     n_trials = [0]
 

@@ -27,7 +27,8 @@ from locaudit.report import load_trials, write_report
 from locaudit.stages import load, run_probe
 from locaudit.storage import atomic_write_json, prepare_out_dir, read_json
 from locaudit.study.plan import Preset, StudySettings, build_settings, plan_arms, select_value
-from locaudit.study.runner import StudyContext, default_workers, run_arms
+from locaudit.study.backends import LocalBackend
+from locaudit.study.runner import ArmBackend, StudyContext, run_arms
 from locaudit.training import FitConfig, prepare_pairs
 
 
@@ -38,13 +39,16 @@ def _software() -> dict:
 
 
 def run_study(preset: Preset, out: Path, progress: bool = True, lm: LoadedModel | None = None, judges=None,
-              workers: int | None = None) -> dict:
+              workers: int | None = None, backend: ArmBackend | None = None) -> dict:
     """The paper's protocol as one resumable job (see `study.plan_arms`): probe, ITI and optimal edits at
     the probe heads and at random heads, full alignment, single heads, the unedited baseline; each arm's
     hyper-parameter chosen on validation questions and reported on test questions; then statistics and the
     report. Every finished trial is a file under `out/trials`; rerunning skips it. `lm` and `judges` may be
-    passed in (already loaded) instead of being loaded from the preset. Arms run in `workers` processes
-    (default: one per CPU core, one on a GPU; see `study.runner`)."""
+    passed in (already loaded) instead of being loaded from the preset. Arms run on `backend`
+    (`study.backends`; default: the local one with `workers` processes: one per CPU core, or one per GPU)."""
+    if backend is not None and workers is not None:
+        raise LocauditError("give run_study the workers of its backend (e.g. LocalBackend(workers=N)), not both")
+    backend = backend or LocalBackend(workers)
     out = prepare_out_dir(out)
     t_start = time.time()
     stage_seconds: dict[str, float] = {}
@@ -97,15 +101,15 @@ def run_study(preset: Preset, out: Path, progress: bool = True, lm: LoadedModel 
     samples = {"val": composition(ctx.val_q), "test": composition(ctx.test_q)}
     if progress:
         tqdm.write(f"validation questions {describe_composition(ctx.val_q)}\ntest questions {describe_composition(ctx.test_q)}")
-    workers = default_workers(lm.device) if workers is None else max(1, int(workers))
     t0 = time.time()
-    selections, arm_seconds = run_arms(ctx, arms, workers, progress=progress, judge_spec=given_judges)
+    selections, arm_seconds, placement = run_arms(ctx, arms, backend, progress=progress, judge_spec=given_judges)
     stage_seconds.update(arm_seconds)  # per stage, summed over workers
     stage_seconds["arms_wall"] = time.time() - t0
     stage_seconds["total"] = time.time() - t_start
     selections = {a.name: selections.get(a.name) for a in arms}  # plan order
     atomic_write_json(out / "run.json", {"selections": selections, "judged": not deferred,
-                                         "stage_seconds": stage_seconds, "workers": workers,
+                                         "stage_seconds": stage_seconds, "workers": placement.get("workers"),
+                                         "placement": placement,
                                          "split_hash": split.hash, "n_val_questions": len(ctx.val_q),
                                          "n_test_questions": len(ctx.test_q), "samples": samples, "model": lm.name,
                                          "arch": {"n_layers": lm.arch.n_layers, "n_heads": lm.arch.n_heads,

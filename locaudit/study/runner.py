@@ -1,5 +1,5 @@
 """Running the study's arms: each arm's trials (fit, validation trials, selection, test trial), in this process
-or in parallel worker processes.
+or in parallel workers of an execution backend (`study.backends`: local processes, a Ray cluster).
 
 Arms are independent of one another (each chooses its hyper-parameter on its own validation trials), so an arm
 is the unit of parallel work. On a CPU, PyTorch's threads scale poorly on the small matrices of a ~100M-parameter
@@ -8,15 +8,21 @@ thread each, each running whole arms, use the cores better (two on two cores fin
 than one two-thread process). On CPU every trial runs on one thread whatever the number of workers, so results
 do not depend on it. Every trial is still one atomic file: an interruption loses only the trials in progress,
 and a rerun skips every finished one.
+
+`run_arms` orders the arms and counts progress; where they run is its backend's business (`ArmBackend`). A worker,
+wherever it runs, rebuilds the study's context from a `WorkerSetup` (`build_context`), so every backend writes
+the same trial files.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -45,11 +51,20 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers(device: torch.device) -> int:
-    """One worker per core on a CPU (at most 8: each holds its own copy of the model), one on a GPU."""
+def default_workers(device: torch.device, spec: str | None = None) -> int:
+    """One worker per core on a CPU (at most 8: each holds its own copy of the model); on a GPU one per visible
+    GPU when the model's device `spec` (--device) names none in particular (auto, cuda), else (or unknown) one."""
     if device.type != "cpu":
-        return 1
+        return max(1, torch.cuda.device_count()) if device.type == "cuda" and spec in ("auto", "cuda") else 1
     return max(1, min(available_cores(), 8))
+
+
+def worker_device(spec: str, index: int) -> str:
+    """Worker `index`'s device on this machine: cuda:(index mod n_gpus) when `spec` names no GPU in particular
+    (auto, cuda) and CUDA is available, so workers spread over the GPUs; `spec` itself otherwise."""
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return spec
 
 
 @dataclass
@@ -77,6 +92,65 @@ class StudyContext:
     def test_q(self):
         n = self.preset.study.max_test_questions
         return self.split.test[:n] if n else self.split.test
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker needs to rebuild the study's context wherever it runs (`build_context`). `lm` is None when
+    the model is reloaded from the preset's spec (cache), else the in-memory model itself (one built in memory,
+    e.g. in tests); `judge_spec` None means the preset's judge, a string a judge spec, anything else the judge
+    objects themselves; `split` is the data split, handed over so no worker needs the data directory; `token`
+    names this run of the arms (the Ray backend's check that the run directory is shared uses it)."""
+
+    preset: Preset
+    out: Path
+    lm: LoadedModel | None
+    judge_spec: object
+    deferred: bool
+    split: object
+    token: str
+
+    def on_device(self, device: str) -> "WorkerSetup":
+        """The same setup with the model loaded on `device` (an in-memory model stays where it is)."""
+        if self.lm is not None or device == self.preset.model.device:
+            return self
+        return replace(self, preset=replace(self.preset, model=replace(self.preset.model, device=device)))
+
+
+def build_context(setup: WorkerSetup) -> StudyContext:
+    """A worker's study context: the model (loaded, or the one handed over), the judges, the text reference for
+    CE/KL and the stored probes, as the main process built them. Trials run on one CPU thread (as in the main
+    process), so results do not depend on where they run."""
+    torch.set_num_threads(1)
+    preset = setup.preset
+    lm = setup.lm or load(preset.model)
+    if setup.deferred:
+        judges = None
+    elif setup.judge_spec is not None and not isinstance(setup.judge_spec, str):
+        judges = setup.judge_spec  # judge objects handed over by the caller
+    else:
+        judges = judges_mod.load_judges(setup.judge_spec or preset.eval.judge, data_dir=preset.data.data_dir,
+                                        progress=False)
+    ev = preset.eval
+    text = text_metrics_for(lm, ev.text_source, n_docs=ev.text_docs, max_tokens=ev.text_tokens,
+                            batch_size=ev.batch_size) if ev.text_docs > 0 else None
+    out = Path(setup.out)
+    return StudyContext(preset, out, lm, ProbeResult.load(out / "probes"), judges, text, setup.split)
+
+
+ArmResult = tuple  # (arm name, selected value or None, {stage: seconds}, number of trials): `ArmRunner.run`'s
+
+
+class ArmBackend(Protocol):
+    """Where arms run (`study.backends`: "local", "ray"). `run` runs every arm, each with a runner built from
+    `setup` (or, in this process, from `ctx` itself), and yields each arm's `ArmResult` as it finishes, in any
+    order; it fills `record` with what run.json records of the placement (at least "backend" and "workers").
+    Closing the iterator early (an error, Ctrl-C) stops the arms still running; finished trials stay on disk."""
+
+    name: str
+
+    def run(self, ctx: StudyContext, arms: list[Arm], setup: WorkerSetup, progress: bool,
+            record: dict) -> Generator[ArmResult, None, None]: ...
 
 
 class ArmRunner:
@@ -165,51 +239,36 @@ def trial_count(arm: Arm, study: StudySettings, deferred: bool) -> int:
     return (n if n > 1 else 0) + (n if deferred else 1)
 
 
-def run_arms(ctx: StudyContext, arms: list[Arm], workers: int, progress: bool = True,
-             judge_spec: object = None) -> tuple[dict, dict[str, float]]:
-    """Run every arm (skipping finished trials); returns ({arm: selected value}, summed stage seconds).
-    `workers` > 1 runs arms in that many single-thread processes (CPU); each rebuilds the context from the run
-    directory, the cached model and judges (or unpickles the in-memory model and judges it is given)."""
+def run_arms(ctx: StudyContext, arms: list[Arm], backend: ArmBackend, progress: bool = True,
+             judge_spec: object = None) -> tuple[dict, dict[str, float], dict]:
+    """Run every arm on `backend` (skipping finished trials); returns ({arm: selected value}, summed stage
+    seconds, the backend's placement record). Workers rebuild the context from the run directory, the cached
+    model and judges, or the in-memory model and judges (`judge_spec`) they are given."""
     seconds = dict.fromkeys(STAGES, 0.0)
     selections: dict = {}
+    record: dict = {}
     # costliest arms first (`Method.cost`: full alignment's fits, then the localized fits, ITI's validation and
     # test trials, the baseline last), so that parallel workers finish together instead of one running the last
     # long arm alone
     arms = sorted(arms, key=lambda a: -a.method.cost)
+    setup = WorkerSetup(ctx.preset, Path(ctx.out).resolve(), _portable(ctx.lm), judge_spec, ctx.deferred, ctx.split,
+                        uuid.uuid4().hex)
     bar = tqdm(total=sum(trial_count(a, ctx.preset.study, ctx.deferred) for a in arms), desc="study trials",
                disable=not progress)
-
-    def done(result):
-        name, chosen, secs, n = result
-        selections[name] = chosen
-        for k, v in secs.items():
-            seconds[k] += v
-        bar.update(n)
-
+    results = backend.run(ctx, arms, setup, progress, record)
     try:
-        if workers <= 1 or len(arms) <= 1:
-            runner = ArmRunner(ctx, progress=progress)
-            with _cpu_threads(ctx.lm, 1):
-                for arm in arms:
-                    done(runner.run(arm))
-        else:
-            spawn = mp.get_context("spawn")
-            init = (ctx.preset, ctx.out, _portable(ctx.lm), judge_spec, ctx.deferred)
-            with spawn.Pool(processes=min(workers, len(arms)), initializer=_worker_init, initargs=init) as pool:
-                try:
-                    for result in pool.imap_unordered(_worker_run, arms):
-                        done(result)
-                    pool.close()  # let the workers exit on their own, so no semaphore is left to the tracker
-                    pool.join()
-                except BaseException:
-                    pool.terminate()  # Ctrl-C or a failed arm: stop the others; finished trials stay on disk
-                    raise
+        for name, chosen, secs, n in results:
+            selections[name] = chosen
+            for k, v in secs.items():
+                seconds[k] += v
+            bar.update(n)
     finally:
+        results.close()  # an error here or Ctrl-C: the backend stops the arms still running
         bar.close()
-    return selections, seconds
+    return selections, seconds, record
 
 
-class _cpu_threads:
+class cpu_threads:
     """On a CPU model, run the block with `n` PyTorch threads (trials always run single-threaded)."""
 
     def __init__(self, lm: LoadedModel, n: int):
@@ -239,22 +298,14 @@ def _portable(lm: LoadedModel):
 _WORKER: dict = {}
 
 
-def _worker_init(preset, out, lm, judge_spec, deferred) -> None:
-    torch.set_num_threads(1)
-    lm = lm or load(preset.model)
-    if deferred:
-        judges = None
-    elif judge_spec is not None and not isinstance(judge_spec, str):
-        judges = judge_spec  # judge objects handed over by the caller
-    else:
-        judges = judges_mod.load_judges(judge_spec or preset.eval.judge, data_dir=preset.data.data_dir, progress=False)
-    ev = preset.eval
-    text = text_metrics_for(lm, ev.text_source, n_docs=ev.text_docs, max_tokens=ev.text_tokens,
-                            batch_size=ev.batch_size) if ev.text_docs > 0 else None
-    ctx = StudyContext(preset, Path(out), lm, ProbeResult.load(Path(out) / "probes"), judges, text,
-                       preset.data.load_split())
-    _WORKER["runner"] = ArmRunner(ctx)
+def pool_init(setup: WorkerSetup, counter) -> None:
+    """A local worker process's start: take the next worker index from the shared `counter` (its GPU, where
+    there are several) and build the context once for all the arms it will run."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _WORKER["runner"] = ArmRunner(build_context(setup.on_device(worker_device(setup.preset.model.device, index))))
 
 
-def _worker_run(arm):
+def pool_run(arm: Arm) -> ArmResult:
     return _WORKER["runner"].run(arm)
