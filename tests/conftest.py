@@ -94,9 +94,9 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
         judges = sys.modules.get("locaudit.evaluation.judges")
-        if judges is not None:  # the encoder's per-process memo is a cache too: unit tests start without it
+        if judges is not None:  # the encoder's per-process memos are caches too: unit tests start without them
             for enc in judges.Encoder._shared.values():
-                enc.memo.clear()
+                enc.forget()
 
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "truthfulqa"

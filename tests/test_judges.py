@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -291,13 +292,42 @@ def test_judges_trained_in_parallel_equal_sequential(tmp_path, monkeypatch):
     ans = ["Nothing happens", "You grow watermelons in your stomach", "Maybe."]
     scores, infos = {}, {}
     for n in (1, 2):
-        J.Encoder.get().memo.clear()  # both builds start cold: the second embeds in two processes, not from memory
-        J.Encoder.get()._disk().unlink(missing_ok=True)
+        J.Encoder.get().forget()  # both builds start cold: the second embeds in two processes, not from memory
+        shutil.rmtree(cache_dir() / "judges" / "embeddings", ignore_errors=True)
         models, info = J.train_default(data_dir, progress=False, processes=n)
         scores[n] = [models[k].predict(qs, ans, J.embed_texts(qs + ans, False)) for k in J.KINDS]
         infos[n] = {k: {m: v for m, v in info[k].items() if "seconds" not in m} for k in J.KINDS}
     assert all(np.array_equal(a, b) for a, b in zip(scores[1], scores[2]))
     assert infos[1] == infos[2] and infos[1]["truth"]["heldout_answer_acc"] > 0
+
+
+@needs_data
+def test_a_score_does_not_depend_on_the_rest_of_the_call(tmp_path, tiny_encoder_dir, monkeypatch):
+    """An answer's score is bitwise the one it gets alone, whatever else is scored in the same call (known and
+    unseen questions, texts of every length, repeats), in any order, by a fresh encoder (as another worker
+    process has), and for training texts whose batched build vectors are in the encoder's memo. The tiny random
+    BERT stands in for MiniLM."""
+    key = str(J.backbone_dir())
+    monkeypatch.setitem(J.Encoder._shared, key, J.Encoder(tiny_encoder_dir))
+    data_dir = _tiny_data_dir(tmp_path / "tqa", 12)
+    judges = J.load_judges("default", data_dir, progress=False)
+    labelled = J.load_labelled("info", data_dir)
+    assert J.Encoder.get().corpora  # the build's (batched) vectors of the training texts are in memory
+    qs = list(labelled.questions[:20]) + ["An unseen question?"] * 3 + [labelled.questions[0]] * 2
+    ans = list(labelled.answers[:20]) + ["1. China", "", "Maybe, maybe not."] + ["1. China", labelled.answers[0]]
+    rng = np.random.default_rng(0)
+    for judge in judges:
+        J.Encoder.get().forget()
+        alone = np.array([judge.score([q], [a])[0] for q, a in zip(qs, ans)])
+        assert np.all((alone >= 0) & (alone <= 1)) and len(set(alone.tolist())) > 5
+        assert np.array_equal(judge.score(qs, ans), alone)  # all in one call, vectors from the memo
+        monkeypatch.setitem(J.Encoder._shared, key, J.Encoder(tiny_encoder_dir))  # another process's encoder
+        for _ in range(4):
+            pick = rng.choice(len(qs), size=int(rng.integers(2, 2 * len(qs))), replace=True)
+            assert np.array_equal(judge.score([qs[i] for i in pick], [ans[i] for i in pick]), alone[pick])
+        vecs = dict(zip(ans + qs, J.Encoder.get().encode_alone(ans + qs)))  # the model alone, fixed vectors
+        p = judge.model.predict(qs[::-1], ans[::-1], vecs)[::-1]
+        assert np.array_equal(p, alone) and np.array_equal(judge.model.predict(qs[:1], ans[:1], vecs), alone[:1])
 
 
 # A user's script with no `if __name__ == "__main__":` guard: a spawned process would re-run it on import and die

@@ -16,7 +16,9 @@ then applied to new answers to the same 817 questions. The default judge here do
 * plus question-independent signals: a kNN vote over all labelled answers and a logistic regression on
   [answer, answer*question] embeddings;
 * a gradient-boosted classifier stacks those features into P(yes). Answers to a question the judge has never
-  seen fall back to a second booster over the question-independent signals only.
+  seen fall back to a second booster over the question-independent signals only;
+* an answer is embedded, and scored, by itself (`Encoder.encode_alone`, `JudgeModel.predict`), so its score is
+  bitwise the same whatever else is scored with it, in whichever process.
 
 Validation mirrors GPT-judge's: labelled pairs are deduplicated (majority label; exact ties dropped), then
 (a) a seeded 90/10 split of pairs (`heldout_answer_*`: questions seen, answers not) and (b) a 90/10 split of
@@ -71,6 +73,7 @@ from locaudit.evaluation.judges.encoder import (
     batch_cuts,
     build_processes,
     check_processes,
+    corpus_order,
     embed_texts,
     encode_split,
 )
@@ -158,7 +161,7 @@ __all__ = [
     "BACKBONE", "DESIGN_VERSION", "GENERIC_AGREEMENT", "GENERIC_MIN_QUESTIONS", "HELDOUT_FRAC", "JUDGE_SOURCES",
     "KINDS", "LABEL_FILES", "SEED", "SUFFIX", "Encoder", "HFJudge", "Judge", "JudgeModel", "JudgeSource",
     "Labelled", "MiniLMJudge", "OpenAIJudge", "answer_split", "backbone_dir", "backbone_id", "batch_cuts",
-    "build_processes", "check_kind", "check_processes", "clean_inputs", "default_judges", "default_version",
+    "build_processes", "check_kind", "check_processes", "clean_inputs", "corpus_order", "default_judges", "default_version",
     "embed_texts", "encode_split", "generic_verdicts", "heldout_metrics", "hf_judges", "judge_prompt",
     "judge_report", "load_cached", "load_judges", "load_labelled", "load_references", "needed_texts",
     "norm_answer", "openai_judges", "own_labels", "parse_prompt", "qkey", "question_split",

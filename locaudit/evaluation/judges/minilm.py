@@ -235,11 +235,12 @@ class JudgeModel:
         return out
 
     # --- features ----------------------------------------------------------------------------------
-    def _global_knn(self, emb: np.ndarray, exclude_item=None, exclude_q=None) -> np.ndarray:
-        """Similarity-weighted vote of the K nearest labelled answers (any question) and the top similarity."""
+    def _global_knn(self, emb: np.ndarray, exclude_item=None, exclude_q=None, bank=None) -> np.ndarray:
+        """Similarity-weighted vote of the K nearest labelled answers (any question) and the top similarity;
+        `bank` may pass in the labelled answers' embeddings, self.bank.emb[self.lab_rows], taken once."""
         import torch
 
-        bank = self.bank.emb[self.lab_rows]
+        bank = self.bank.emb[self.lab_rows] if bank is None else bank
         out = np.zeros((len(emb), 2))
         k = min(K_GLOBAL, len(bank) - (exclude_item is not None))
         if k <= 0:
@@ -304,19 +305,27 @@ class JudgeModel:
         return set(self.entries)
 
     def predict(self, questions: Sequence[str], answers: Sequence[str], emb: dict[str, np.ndarray]) -> np.ndarray:
-        """P(yes) per (question, answer); `emb` must hold embeddings of every answer and unseen question."""
+        """P(yes) per (question, answer); `emb` must hold embeddings of every answer and unseen question.
+
+        Each distinct pair is scored by itself, so its score is bitwise the one it gets alone, whatever else is
+        scored in the call: BLAS computes a row of a matrix product with other kernels, and other rounding, for
+        other row counts (one row vs several), and the neighbour features turn such differences into others."""
         if not len(answers):
             return np.zeros(0)
+        pairs = list(dict.fromkeys(zip(questions, answers)))
+        bank = self.bank.emb[self.lab_rows]  # 18k x 384: taken once, not once per pair
         with _single_threaded():
-            return self._predict(questions, answers, emb)
+            p = {pair: self._predict([pair[0]], [pair[1]], emb, bank)[0] for pair in pairs}
+        return np.array([p[pair] for pair in zip(questions, answers)])
 
-    def _predict(self, questions: Sequence[str], answers: Sequence[str], emb: dict[str, np.ndarray]) -> np.ndarray:
+    def _predict(self, questions: Sequence[str], answers: Sequence[str], emb: dict[str, np.ndarray],
+                 bank: np.ndarray | None = None) -> np.ndarray:
         keys = [qkey(q) for q in questions]
         a_emb = np.stack([emb[a] for a in answers])
         q_emb = np.stack([self.qemb[k] if k in self.qemb else emb[q] for k, q in zip(keys, questions)])
         reps = TextReps.build(list(answers), a_emb, self.vecs)
         glr = self.logreg.predict_proba(self._logreg_inputs(a_emb, q_emb))[:, 1]
-        knn = self._global_knn(a_emb)
+        knn = self._global_knn(a_emb, bank=bank)
         known = np.array([k in self.entries for k in keys])
         out = np.zeros(len(answers))
         if known.any():
@@ -423,7 +432,9 @@ def train_kind(data: Labelled, refs: dict, emb: dict, progress: bool = False) ->
 
 class MiniLMJudge:
     """The default judge: a fitted `JudgeModel` plus its stored validation figures. Scoring embeds the answers
-    (and unseen questions) in this process: it never starts a process."""
+    (and unseen questions) one by one in this process (`Encoder.encode_alone`) and scores them one by one
+    (`JudgeModel.predict`), so an answer's score is a function of its question and text alone: the same in any
+    call, process or order. It never starts a process."""
 
     def __init__(self, model: JudgeModel, meta: dict):
         self.name = model.kind
@@ -433,7 +444,7 @@ class MiniLMJudge:
     def score(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         qs, ans = clean_inputs(questions, answers)
         texts = list(dict.fromkeys(ans + [q for q in qs if qkey(q) not in self.model.qemb]))
-        emb = dict(zip(texts, Encoder.get().encode(texts))) if texts else {}
+        emb = dict(zip(texts, Encoder.get().encode_alone(texts))) if texts else {}
         return self.model.predict(qs, ans, emb)
 
     def info(self) -> dict:
