@@ -9,8 +9,8 @@ launches), so K fits in one forward of K*B rows cost little more than one. `fit_
   every batch-dim input (hidden states, masks, rotary position embeddings) K times; from l0 on the shared prefix
   has K rows too (block k attends to the prefix as edit k changes it, `shared_prefix`);
 - at each edited W^l, edit k's rank-1 change acts on block k only: o <- o + s <a, o> b for a localized edit
-  (b non-zero on S's slices only), out <- out + s <a, o> B for full rank-1 LoRA; edits without a change at l
-  add exact zeros;
+  (b non-zero on S's slices only), out <- out + s <a, o> B for full rank-1 LoRA; the blocks of edits without a
+  change at l pass through untouched;
 - the loss is the sum over edits of each edit's own mean loss (its own objective, tau, averaging), never a mean
   across edits, so each edit's gradient is its solo gradient; each edit has its own AdamW and LambdaLR (its
   learning rate, warm-up and cosine schedule), best checkpoint, early stopping (`Plateau`) and status;
@@ -107,21 +107,34 @@ def _tile(x, n: int, K: int, memo: dict):
     return x
 
 
-def _stack(changes: list[Rank1 | None], width: int, like: torch.Tensor):
-    """(K, H*d) a, (K, width) v and (K,) scales of one side at one layer; zeros for edits without a change."""
-    a = torch.stack([c.a if c is not None else like.new_zeros(like.shape[-1]) for c in changes])
-    v = torch.stack([c.v if c is not None else like.new_zeros(width) for c in changes])
-    s = torch.tensor([c.scale if c is not None else 0.0 for c in changes], device=like.device)
-    return a, v, s
+@dataclass(frozen=True)
+class _Side:
+    """The rank-1 changes of one side at one layer, for the blocks `ks` of the edits that have one there."""
 
+    ks: torch.Tensor  # (m,) block indices
+    a: torch.Tensor  # (m, H*d)
+    v: torch.Tensor  # (m, width)
+    s: torch.Tensor  # (m,) scales
+    K: int  # blocks in the pack
 
-def _rank1_add(x: torch.Tensor, o: torch.Tensor, a: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x + s_k <a_k, o> v_k on block k of the rows of x and o (K blocks)."""
-    K = a.shape[0]
-    o3 = o.reshape(K, -1, o.shape[-1])
-    coef = torch.bmm(o3, a.to(o.dtype).unsqueeze(-1)).squeeze(-1)  # (K, rows*T): <a_k, o>
-    delta = (s.to(o.dtype)[:, None] * coef).unsqueeze(-1) * v.to(o.dtype)[:, None, :]
-    return (x.reshape(K, -1, x.shape[-1]) + delta).reshape(x.shape)
+    @classmethod
+    def of(cls, changes: list[Rank1 | None]) -> "_Side":
+        ks = [k for k, c in enumerate(changes) if c is not None]
+        a = changes[ks[0]].a
+        return cls(torch.tensor(ks, device=a.device), torch.stack([changes[k].a for k in ks]),
+                   torch.stack([changes[k].v for k in ks]),
+                   torch.tensor([changes[k].scale for k in ks], device=a.device), len(changes))
+
+    def add(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """x + s_k <a_k, o> v_k on block k of the rows of x and o, for the blocks k in `ks` (others unchanged)."""
+        K, m = self.K, self.ks.shape[0]
+        o3, x3 = o.reshape(K, -1, o.shape[-1]), x.reshape(K, -1, x.shape[-1])
+        if m < K:
+            o3 = o3.index_select(0, self.ks)
+        coef = torch.bmm(o3, self.a.to(o.dtype).unsqueeze(-1)).squeeze(-1)  # (m, rows*T): <a_k, o>
+        delta = (self.s.to(o.dtype)[:, None] * coef).unsqueeze(-1) * self.v.to(o.dtype)[:, None, :]
+        out = x3 + delta if m == K else x3.index_add(0, self.ks, delta)
+        return out.reshape(x.shape)
 
 
 @contextlib.contextmanager
@@ -158,15 +171,14 @@ def pack(lm: LoadedModel, edits: Sequence[Intervention]) -> Iterator[int]:
             return _tile(args, n, K, memo), _tile(kwargs, n, K, memo)
         return hook
 
-    def input_hook(a, v, s):
+    def input_hook(side: _Side):
         def hook(module, args):
-            o = args[0]
-            return (_rank1_add(o, o, a, v, s),) + tuple(args[1:])
+            return (side.add(args[0], args[0]),) + tuple(args[1:])
         return hook
 
-    def output_hook(a, v, s):
+    def output_hook(side: _Side):
         def hook(module, args, output):
-            return _rank1_add(output, args[0], a, v, s)
+            return side.add(output, args[0])
         return hook
 
     try:
@@ -175,15 +187,12 @@ def pack(lm: LoadedModel, edits: Sequence[Intervention]) -> Iterator[int]:
             for l in range(layers[0], arch.n_layers):
                 handles.append(blocks[l].register_forward_pre_hook(repeat_hook(l == layers[0]), with_kwargs=True))
         for l in layers:
-            like = next(c[l].a for c in changes if l in c)
-            for side, width, register in (("input", arch.n_heads * arch.head_dim, "pre"), ("output", arch.d_model, "post")):
-                at = [c.get(l) if c.get(l) is not None and c[l].side == side else None for c in changes]
-                if all(x is None for x in at):
-                    continue
-                a, v, s = _stack(at, width, like)
-                proj = arch.out_proj(l)
-                handles.append(proj.register_forward_pre_hook(input_hook(a, v, s)) if register == "pre"
-                               else proj.register_forward_hook(output_hook(a, v, s)))
+            proj = arch.out_proj(l)
+            for side in ("input", "output"):
+                at = [c[l] if l in c and c[l].side == side else None for c in changes]
+                if any(x is not None for x in at):
+                    handles.append(proj.register_forward_pre_hook(input_hook(_Side.of(at))) if side == "input"
+                                   else proj.register_forward_hook(output_hook(_Side.of(at))))
         yield K
     finally:
         memo.clear()
