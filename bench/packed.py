@@ -1,26 +1,30 @@
 """packed: K edits fitted in one pass (`locaudit.packed.fit_packed`) against the same K edits fitted one after
 another (`training.fit`): the same steps on the same batches, and the same results (asserted); RATIO is the
-sequential wall time over the packed one.
+sequential wall time over the packed one (of the largest mixed pack).
 
-- Pack: a study's mix of K edits, each from a fresh LoRA start: full rank-1 LoRA (edit 0), then random single
-  heads and random 16-head sets in turn, taus cycling through 0.05, 0.1, 0.2, 0.5, 1.0; learning rates by set
-  size (`default_lr`). `fmt="qa"` (the six-shot prefix), the fixed schedule: `steps` optimizer steps of `batch`
-  pairs, then one validation.
-- Timed: the K `fit` calls, and the one `fit_packed` call; pi0's log-probs are computed once beforehand (both
-  read them from the disk cache, as a study does), model load excluded. Fits of the first K run untimed first
-  (one step each way) so kernel selection and allocator growth are paid before any measurement.
-- Checked: each packed fit's steps, status and best step equal its own fit's; train and validation losses agree
-  to `rtol` (float32: 1e-4, float rounding of batched vs per-edit matmuls; bfloat16: 5e-2, its 8-bit mantissa),
-  and the largest differences (losses, parameters) are recorded.
+- Packs: "mixed", a study's mix of K edits from fresh LoRA starts: full rank-1 LoRA (edit 0), then random single
+  heads and random 16-head sets in turn, taus cycling through 0.05, 0.1, 0.2, 0.5, 1.0 (the full LoRA edits
+  layer 0, so every layer runs K times); "tau-grid", the five taus of one single head three quarters of the way
+  up (the layers below it run once per batch). Learning rates by set size (`default_lr`); `fmt="qa"` (the
+  six-shot prefix); the fixed schedule: `steps` optimizer steps of `batch` pairs, then one validation.
+- Timed (wall clock, and the process's CPU time, which a busy shared machine distorts less): the K `fit` calls,
+  and the one `fit_packed` call; pi0's log-probs are computed once beforehand (both read them from the disk cache,
+  as a study does), model load excluded. One fit and one pack of one step run untimed first (kernel selection,
+  allocator growth).
+- Checked: in float32, each packed fit's steps, status and best step equal its own fit's, and every train and
+  validation loss agrees to 1e-4 (relative; batched and per-edit matmuls round differently); in bfloat16 (8-bit
+  mantissa, which Adam amplifies within a few steps), the steps and the first step's loss, to 5e-2. The largest
+  differences (losses, parameters) are recorded either way.
 
-    python -m bench.packed [--quick] [--device cpu|cuda] [--models NAME ...] [--tokenizer DIR] [--data-dir DIR]
+    python -m bench.packed [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
+                           [--models NAME ...] [--tokenizer DIR] [--data-dir DIR]
 
-CPU (default): the embedded SmolLM2-135M, float32, K in {4, 16}, 2 steps of 4 pairs (--quick: 1 step of 2 pairs).
+CPU (default): the embedded SmolLM2-135M, float32, 2 steps of 4 pairs (--quick: 1 step of 2 pairs).
 CUDA: bfloat16; the embedded SmolLM2-135M where its package is installed, else a randomly initialised model of its
-shape, and a randomly initialised Llama-2-7B-shaped model (all 32 layers; `random-llama-7b-8l` keeps 8), built in
-memory (`bench.gpu.SHAPES`; their speed is that of the real models, their outputs are meaningless), 8 steps of
-4 pairs. Random models need a tokenizer directory (`--tokenizer`, default: the dequantised SmolLM2's).
-Writes bench/results/packed-<device>[-quick].json, the device named in it (CPU model or GPU name).
+shape, and a randomly initialised Llama-2-7B-shaped model (all 32 layers; `random-llama-7b-8l` keeps 8 if memory
+is short), built in memory (`bench.gpu.SHAPES`; their speed is that of the real models, their outputs are
+meaningless), 8 steps of 4 pairs. Random models need a tokenizer directory (`--tokenizer`, default: the
+dequantised SmolLM2's). Writes bench/results/packed-<device>[-quick].json, the device named in it.
 """
 
 from __future__ import annotations
@@ -168,26 +172,28 @@ def measure(lm, split, kind: str, K: int, st: dict, device: str, dtype: torch.dt
     nh = [s["n_heads"] for s in specs]
     prepare_pairs(lm, train, val, cfgs[0], progress=False)  # pi0 once, untimed: both runs read it from the cache
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     solo = [fit(lm, new_edit(lm, s, SEED + i), train, val, c, n_heads=n, progress=False)
             for i, (s, c, n) in enumerate(zip(specs, cfgs, nh))]
     sync(device)
-    t_seq = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_seq, c_seq = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     pk = fit_packed(lm, [new_edit(lm, s, SEED + i) for i, s in enumerate(specs)], train, val, cfgs, n_heads=nh,
                     progress=False)
     sync(device)
-    t_pack = time.perf_counter() - t0
+    t_pack, c_pack = time.perf_counter() - t0, time.process_time() - c0
     diffs = compare(solo, pk, dtype)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     out = {"pack": kind, "K": K, "steps": st["steps"], "batch_pairs": st["batch"], "val_pairs": st["val"],
            "sequential_s": t_seq, "packed_s": t_pack, "ratio": t_seq / t_pack,
+           "sequential_cpu_s": c_seq, "packed_cpu_s": c_pack, "cpu_time_ratio": c_seq / c_pack,
            "sequential_s_per_edit_step": t_seq / (K * st["steps"]), "packed_s_per_step": t_pack / st["steps"],
            "pack_lowest_layer": min(s.get("lowest_layer", 0) for s in specs), "edits": [{k: v for k, v in s.items() if k != "heads"} for s in specs],
            "lr": [r.config.lr for r in pk], "max_rel_diff": diffs, "cuda_peak_gib": peak,
            "loadavg_after": loadavg(),
            "train_loss_last": [[h["train_loss"] for h in r.history if "train_loss" in h][-1] for r in pk]}
-    log(f"{kind} K={K}: sequential {t_seq:.1f}s, packed {t_pack:.1f}s, ratio {t_seq / t_pack:.2f}; max rel diff {diffs}")
+    log(f"{kind} K={K}: sequential {t_seq:.1f}s, packed {t_pack:.1f}s, ratio {t_seq / t_pack:.2f} (process CPU time "
+        f"{c_seq:.1f}s / {c_pack:.1f}s = {c_seq / c_pack:.2f}); max rel diff {diffs}")
     return out
 
 
@@ -219,7 +225,7 @@ def run(args) -> dict:
     st = SETTINGS[(device, args.quick)]
     split = DataConfig(data_dir=args.data_dir, seed=SEED).load_split()
     record = {"device": device, "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-              "settings": st, "results": []}
+              "torch_threads": torch.get_num_threads(), "settings": st, "results": []}
     for name in models:
         t = time.perf_counter()
         lm = load(name, device, dtype, args.tokenizer)
@@ -257,11 +263,14 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps and pairs")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     ap.add_argument("--models", nargs="+", help=f"embedded/HF model specs or {', '.join(RANDOM)}")
     ap.add_argument("--tokenizer", help="tokenizer directory for the random models (default: the dequantised SmolLM2's)")
     ap.add_argument("--data-dir", help="TruthfulQA directory (default: locaudit's usual search)")
     args = ap.parse_args(argv)
     _quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record = run(args)
     path = write(record, args.device, args.quick)
     log(f"wrote {path}")

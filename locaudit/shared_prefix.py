@@ -90,8 +90,7 @@ def _fused(query, kp, vp, key, value, mask, scaling, dropout) -> torch.Tensor:
     """Fused attention over [prefix; own tokens]: (B, Tq, H, d)."""
     B, H, Tq, _ = query.shape
     P, S = kp.shape[2], key.shape[2]
-    k = torch.cat([_per_row(kp, B), key], dim=2)
-    v = torch.cat([_per_row(vp, B), value], dim=2)
+    k, v = _join(kp, key, B), _join(vp, value, B)
     m = torch.cat([mask.new_ones(mask.shape[0], 1, Tq, P), mask.expand(-1, 1, Tq, S)], dim=-1)
     kw = {}
     if k.shape[1] != H:
@@ -104,9 +103,16 @@ def _fused(query, kp, vp, key, value, mask, scaling, dropout) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _per_row(x: torch.Tensor, B: int) -> torch.Tensor:
-    """The prefix's (Kp, kvh, P, d) keys or values for each of B rows: row r gets prefix row r // (B / Kp)."""
-    return x.expand(B, -1, -1, -1) if x.shape[0] == 1 else x.repeat_interleave(B // x.shape[0], dim=0)
+def _join(prefix: torch.Tensor, own: torch.Tensor, B: int) -> torch.Tensor:
+    """[prefix; own tokens] keys or values of each of the B rows, (B, kvh, P + S, d): row r reads prefix row
+    r // (B / Kp) of the (Kp, kvh, P, d) prefix, written straight into the joined tensor (one copy)."""
+    Kp, kvh, P, d = prefix.shape
+    if Kp == 1:
+        return torch.cat([prefix.expand(B, -1, -1, -1), own], dim=2)
+    out = own.new_empty(B, kvh, P + own.shape[2], d)
+    out.view(Kp, B // Kp, kvh, P + own.shape[2], d)[:, :, :, :P] = prefix.unsqueeze(1)
+    out[:, :, P:] = own
+    return out
 
 
 def _register() -> None:
