@@ -4,8 +4,10 @@ Each benchmark runs in its own subprocess (`python -m bench.<name>`), so no libr
 PEFT-wrapped modules) leaks from one into the next; each loads the model itself (untimed). Their output is
 streamed through; the `RATIO` / `STAGE` lines are collected into `bench/results/summary[-quick].json`.
 
-`ipo_train` needs TRL and PEFT, which are not locaudit dependencies. When they are missing it is skipped with
-the install command, the other benchmarks still run, and the exit status is 3. Any failed benchmark: status 1.
+`packed` (K edits fitted in one pass vs one after another) runs on the CPU here; `python -m bench.packed
+--device cuda` measures it on a GPU. `ipo_train` needs TRL and PEFT, which are not locaudit dependencies. When
+they are missing it is skipped with the install command, the other benchmarks still run, and the exit status is
+3. Any failed benchmark: status 1.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from pathlib import Path
 
 from bench.common import PIP_COMMAND, loadavg, machine_info, missing_bench_deps, result_path
 
-BENCHMARKS = ("ipo_train", "capture", "generate", "quick")
+BENCHMARKS = ("ipo_train", "capture", "generate", "quick", "packed")
+RESULT_NAMES = {"packed": "packed-cpu"}  # benchmarks whose result file names the device
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run_all")
-    ap.add_argument("--quick", action="store_true", help="reduced sizes; all four finish within ~5 minutes")
+    ap.add_argument("--quick", action="store_true", help="reduced sizes; each finishes within ~5 minutes")
     ap.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
     args = ap.parse_args(argv)
 
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
         ratios = [l for l in lines if l.startswith("RATIO ")]
         if rc == 0 and ratios:
             entry["ratio"] = float(ratios[-1].split()[2])
-            path = result_path(name, args.quick)
+            path = result_path(RESULT_NAMES.get(name, name), args.quick)
             if path.is_file():
                 entry["result_file"] = str(path.relative_to(ROOT))
         else:

@@ -13,6 +13,10 @@ logit soft-capping (Gemma-2) use an explicit two-part softmax instead:
     attn(q) = (sum_p e^{s_p} v_p + sum_j e^{s_j} v_j) / (sum_p e^{s_p} + sum_j e^{s_j}),   s = softcap(scaling * q.k)
 
 A sliding window shorter than the whole sequence is refused.
+
+The prefix may also hold one row per block of rows (batch K, the B rows being K equal blocks): block k attends
+to prefix row k. `packed` uses this for K edits trained together, whose prefixes differ from the first edited
+layer on.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ PrefixKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
                sliding_window=None, **kwargs):
     """HF attention-interface function: query (B, H, Tq, d), key/value (B, kvh, S, d) of the row's own tokens,
-    attention_mask (B, 1, Tq, S) bool (True = attend) or None (causal); returns ((B, Tq, H, d), None)."""
+    attention_mask (B, 1, Tq, S) bool (True = attend) or None (causal); returns ((B, Tq, H, d), None). The
+    prefix kp, vp (Kp, kvh, P, d) has one row (every row attends to it) or one per block of B / Kp rows."""
     kp, vp = getattr(module.config, _ATTR)[module.layer_idx]
     B, H, Tq, d = query.shape
-    kvh, S, P = key.shape[1], key.shape[2], kp.shape[2]
+    kvh, S, P, Kp = key.shape[1], key.shape[2], kp.shape[2], kp.shape[0]
+    if B % Kp:
+        raise LocauditError(f"a shared prefix of {Kp} rows cannot serve a batch of {B} rows (not a multiple)")
     if sliding_window is not None and P + S > sliding_window:
         raise LocauditError(f"sequence of {P + S} tokens is longer than the model's sliding attention window "
                             f"({sliding_window}); use a shorter prompt format (e.g. --format plain)")
@@ -51,7 +58,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scale = scaling if scaling is not None else d ** -0.5
     # layout (kvh, B, g*Tq, .): query head k*g + i reads kv head k
     q = query.reshape(B, kvh, g * Tq, d).transpose(0, 1)
-    s_p = torch.matmul(q.reshape(kvh, B * g * Tq, d), kp[0].transpose(-1, -2)).view(kvh, B, g * Tq, P)
+    if Kp == 1:
+        s_p = torch.matmul(q.reshape(kvh, B * g * Tq, d), kp[0].transpose(-1, -2)).view(kvh, B, g * Tq, P)
+    else:  # block k of the rows against prefix row k: (kvh, Kp, rows of a block, .)
+        s_p = torch.matmul(q.reshape(kvh, Kp, -1, d), kp.transpose(0, 1).transpose(-1, -2)).view(kvh, B, g * Tq, P)
     s_o = torch.matmul(q, key.transpose(0, 1).transpose(-1, -2))
     s_p, s_o = s_p.float() * scale, s_o.float() * scale
     s_p, s_o = torch.tanh(s_p / softcap) * softcap, torch.tanh(s_o / softcap) * softcap
@@ -64,7 +74,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if dropout:
         p_p = torch.nn.functional.dropout(p_p, dropout, training=True)
         p_o = torch.nn.functional.dropout(p_o, dropout, training=True)
-    out = torch.matmul(p_p.reshape(kvh, B * g * Tq, P), vp[0]).view(kvh, B, g * Tq, d)
+    if Kp == 1:
+        out = torch.matmul(p_p.reshape(kvh, B * g * Tq, P), vp[0]).view(kvh, B, g * Tq, d)
+    else:
+        out = torch.matmul(p_p.reshape(kvh, Kp, -1, P), vp.transpose(0, 1)).view(kvh, B, g * Tq, d)
     out = out + torch.matmul(p_o, value.transpose(0, 1))
     # (kvh, B, g, Tq, d) -> (B, Tq, kvh * g, d)
     return out.view(kvh, B, g, Tq, d).permute(1, 3, 0, 2, 4).reshape(B, Tq, H, d), None
@@ -77,8 +90,7 @@ def _fused(query, kp, vp, key, value, mask, scaling, dropout) -> torch.Tensor:
     """Fused attention over [prefix; own tokens]: (B, Tq, H, d)."""
     B, H, Tq, _ = query.shape
     P, S = kp.shape[2], key.shape[2]
-    k = torch.cat([kp.expand(B, -1, -1, -1), key], dim=2)
-    v = torch.cat([vp.expand(B, -1, -1, -1), value], dim=2)
+    k, v = _join(kp, key, B), _join(vp, value, B)
     m = torch.cat([mask.new_ones(mask.shape[0], 1, Tq, P), mask.expand(-1, 1, Tq, S)], dim=-1)
     kw = {}
     if k.shape[1] != H:
@@ -89,6 +101,18 @@ def _fused(query, kp, vp, key, value, mask, scaling, dropout) -> torch.Tensor:
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=m, dropout_p=dropout,
                                                            scale=scaling, **kw)
     return out.transpose(1, 2)
+
+
+def _join(prefix: torch.Tensor, own: torch.Tensor, B: int) -> torch.Tensor:
+    """[prefix; own tokens] keys or values of each of the B rows, (B, kvh, P + S, d): row r reads prefix row
+    r // (B / Kp) of the (Kp, kvh, P, d) prefix, written straight into the joined tensor (one copy)."""
+    Kp, kvh, P, d = prefix.shape
+    if Kp == 1:
+        return torch.cat([prefix.expand(B, -1, -1, -1), own], dim=2)
+    out = own.new_empty(B, kvh, P + own.shape[2], d)
+    out.view(Kp, B // Kp, kvh, P + own.shape[2], d)[:, :, :, :P] = prefix.unsqueeze(1)
+    out[:, :, P:] = own
+    return out
 
 
 def _register() -> None:
@@ -110,7 +134,7 @@ def _attention_configs(lm: LoadedModel) -> list:
 @contextlib.contextmanager
 def shared_prefix(lm: LoadedModel, kv: PrefixKV) -> Iterator[None]:
     """Run the model's attention against the batch-1 prefix `kv` (per layer (keys, values), as `scoring.prefix_kv`
-    returns them) for every row, for the duration of the block. Forwards inside must pass per-row caches that
+    returns them) for every row, for the duration of the block (a layer's prefix of batch K: per block of rows). Forwards inside must pass per-row caches that
     hold only the rows' own tokens, and 4D masks from `own_mask`."""
     if not kv:
         raise ValueError("shared_prefix needs a non-empty prefix")
