@@ -4,6 +4,9 @@
   W^l <- W^l + s (W^l b^l) a^l^T, a rank-1 LoRA with lora_B = W^l b^l (d_model x 1, the output side),
   lora_A = a^l^T (1 x H*d, the input side) and lora_alpha / r = s. Written as a PEFT adapter on exactly the
   layers of S.
+- `NeuronRank1` (delta = s <a^l, m^l> W_down^l b^l, b^l zero outside the chosen neurons of layer l): the same
+  rank-1 LoRA on the MLP output projection, W_down^l <- W_down^l + s (W_down^l b^l) a^l^T, lora_B = W_down^l b^l,
+  lora_A = a^l^T (1 x n_neurons), lora_alpha / r = s, on exactly the layers with chosen neurons.
 - `FullRank1` (W^l <- W^l + s B^l A^l): a PEFT adapter with its own factors and lora_alpha / r = s.
 - `ITI` with placement "all" (o_h^l += alpha sigma_h u_h at every position): the bias W^l (alpha sigma u) it
   merges to, which PEFT's LoRA cannot hold, so the merged model itself (`save_pretrained` + tokenizer) is
@@ -11,7 +14,8 @@
 
 `peft.PeftModel.from_pretrained(base, out)` (or `AutoModelForCausalLM.from_pretrained(out)` for ITI) then
 gives the logits of the hooked edit. The inverse, `import_peft` (which `load_intervention` calls on an adapter
-directory), reads such an adapter back as a FullRank1.
+directory), reads such an adapter back as a FullRank1; it refuses the neuron edit's adapter (on W_down^l), which
+no edit but that NeuronRank1 reproduces and whose neuron set PEFT's format does not record.
 """
 
 from __future__ import annotations
@@ -24,21 +28,31 @@ import torch
 from torch import nn
 
 from locaudit.errors import LocauditError
-from locaudit.interventions import ITI, FullRank1, Intervention, LocalizedRank1, NoEdit, import_peft
+from locaudit.interventions import ITI, FullRank1, Intervention, LocalizedRank1, NeuronRank1, NoEdit, import_peft
 from locaudit.models import LoadedModel, arch_for
-from locaudit.peft_adapter import RankOneLoRA, check_out_dir, write_adapter, write_dir
+from locaudit.peft_adapter import TARGETS, RankOneLoRA, check_out_dir, write_adapter, write_dir
 
 __all__ = ["export_peft", "import_peft", "check_out_dir"]
 
 
-def _localized(edit: LocalizedRank1, lm: LoadedModel) -> RankOneLoRA:
-    """lora_A = a^l^T, lora_B = W^l b^l (in float32 from the model's W^l), scale s."""
+def _supported(edit: LocalizedRank1 | NeuronRank1, weight: Callable[[int], torch.Tensor]) -> RankOneLoRA:
+    """lora_A = a^l^T, lora_B = P^l b^l (in float32 from the model's projection P^l = weight(l)), scale s."""
     A, B = {}, {}
     for l in edit.layers:
-        W = lm.arch.W(l).detach().float().cpu()
+        P = weight(l).detach().float().cpu()
         A[l] = edit.a[str(l)].detach().float().cpu().view(1, -1)
-        B[l] = (W @ edit.b(l).detach().float().cpu()).view(-1, 1)
+        B[l] = (P @ edit.b(l).detach().float().cpu()).view(-1, 1)
     return RankOneLoRA(A=A, B=B, scale=edit.scale)
+
+
+def _localized(edit: LocalizedRank1, lm: LoadedModel) -> RankOneLoRA:
+    """P^l = W^l, the attention output projection."""
+    return _supported(edit, lm.arch.W)
+
+
+def _neurons(edit: NeuronRank1, lm: LoadedModel) -> RankOneLoRA:
+    """P^l = W_down^l, the MLP output projection."""
+    return _supported(edit, lm.arch.W_down)
 
 
 def _full(edit: FullRank1, lm: LoadedModel) -> RankOneLoRA:
@@ -46,11 +60,13 @@ def _full(edit: FullRank1, lm: LoadedModel) -> RankOneLoRA:
                        B={l: edit.B[str(l)].detach().float().cpu() for l in edit.layers}, scale=edit.scale)
 
 
-def _as_adapter(factors: Callable[[Intervention, LoadedModel], RankOneLoRA]) -> Callable[[Intervention, LoadedModel, Path], str]:
+def _as_adapter(factors: Callable[[Intervention, LoadedModel], RankOneLoRA],
+                target: str = "attention") -> Callable[[Intervention, LoadedModel, Path], str]:
+    """An exporter writing `factors(edit, lm)` as a PEFT adapter on the `target` projections (peft_adapter.TARGETS)."""
     def export(edit: Intervention, lm: LoadedModel, out: Path) -> str:
         lora = factors(edit, lm)
-        write_adapter(out, lm, lora)
-        return f"a PEFT rank-1 LoRA adapter on the attention output projections of layers {lora.layers}"
+        write_adapter(out, lm, lora, target)
+        return f"a PEFT rank-1 LoRA adapter on the {TARGETS[target][0]} of layers {lora.layers}"
     return export
 
 
@@ -109,6 +125,7 @@ def _declare_biases(model: nn.Module, flag: str) -> None:
 
 EXPORTERS: dict[type, Callable[[Intervention, LoadedModel, Path], str]] = {
     LocalizedRank1: _as_adapter(_localized),
+    NeuronRank1: _as_adapter(_neurons, "mlp"),
     FullRank1: _as_adapter(_full),
     ITI: _iti_merged,
 }
@@ -116,10 +133,10 @@ EXPORTERS: dict[type, Callable[[Intervention, LoadedModel, Path], str]] = {
 
 def export_peft(edit: Intervention, lm: LoadedModel, out: Path) -> str:
     """Write `edit` (fitted on `lm`) into the new directory `out`, atomically: a PEFT LoRA adapter for the weight
-    edits, the merged model for ITI (see the module docstring). Returns what was written, in words."""
+    edits (localized, neuron, full), the merged model for ITI (see the module docstring). Returns what was written, in words."""
     export = EXPORTERS.get(type(edit))
     if export is None:
         what = "the unedited model has nothing" if isinstance(edit, NoEdit) else f"a {edit.kind!r} edit has no export"
-        raise LocauditError(f"{what} to export; export a localized, full or ITI edit")
+        raise LocauditError(f"{what} to export; export a localized, neuron, full or ITI edit")
     check_out_dir(out)
     return export(edit, lm, Path(out))

@@ -490,7 +490,8 @@ def import_peft(path: Path, arch: Arch) -> FullRank1:
     """A PEFT rank-1 LoRA adapter on the W^l (e.g. written by `locaudit export --peft`) as the FullRank1 on its
     layers with PEFT's factors and scaling: W^l <- W^l + scale B^l A^l, the same update PEFT applies, so the
     adapter is evaluated like any fitted edit. A localized edit comes back as this equivalent FullRank1
-    (B^l = W^l b^l); its head set is not recorded in PEFT's format."""
+    (B^l = W^l b^l); its head set is not recorded in PEFT's format. A neuron edit's adapter (on W_down^l) is
+    refused: no edit here but that NeuronRank1 applies its update."""
     lora = read_adapter(path, arch)
     all_layers = lora.layers == list(range(arch.n_layers))
     edit = FullRank1(arch, layers=None if all_layers else lora.layers, scale=lora.scale)

@@ -1,4 +1,5 @@
-"""PEFT LoRA adapter directories on the attention output projections W^l: the file format, both ways.
+"""PEFT LoRA adapter directories on the attention output projections W^l (or, written only, the MLP output
+projections W_down^l): the file format, both ways.
 
 A PEFT adapter directory holds `adapter_config.json` (peft_type LORA, r, lora_alpha, target_modules, ...) and
 `adapter_model.safetensors` with, for each targeted module NAME, `base_model.model.NAME.lora_A.weight` (r x in)
@@ -7,6 +8,9 @@ scaling = lora_alpha / r. For r = 1 that is the rank-1 update W^l <- W^l + scale
 weight edits are, with A^l: 1 x H*d (the input side, o^l) and B^l: d_model x 1 (the output side), whatever the
 family's storage convention (GPT-2's Conv1D included: PEFT's factors are in the (out, in) convention too; only
 `fan_in_fan_out` tells it the base weight is stored transposed).
+
+Adapters are written on either projection (`TARGETS`) but read back only on W^l: a rank-1 update of W_down^l
+is no edit locaudit can evaluate except the NeuronRank1 it came from, whose neuron set PEFT's format drops.
 
 This module knows only the format, on plain tensors: `write_adapter` and `read_adapter`. Turning edits into
 factors is `locaudit.export`; turning factors into an edit is `locaudit.interventions.import_peft`.
@@ -26,6 +30,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from locaudit.errors import LocauditError
 from locaudit.models import Arch, LoadedModel
@@ -41,7 +46,8 @@ SUPPORTED = ("locaudit reads only PEFT LoRA adapters of rank 1 (r = 1) on the at
 
 @dataclass(frozen=True)
 class RankOneLoRA:
-    """W^l <- W^l + scale * B^l A^l for each layer l in A (= the layers in B); A[l]: (1, H*d), B[l]: (d_model, 1)."""
+    """W^l <- W^l + scale * B^l A^l for each layer l in A (= the layers in B); A[l]: (1, H*d), B[l]: (d_model, 1)
+    (written on W_down^l instead, A[l]: (1, n_neurons))."""
 
     A: dict[int, torch.Tensor]
     B: dict[int, torch.Tensor]
@@ -60,14 +66,28 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def out_proj_names(lm: LoadedModel) -> dict[int, str]:
-    """{l: the dotted name of W^l's module inside lm.model} (what PEFT's target_modules and keys use)."""
-    index = {id(m): l for l, m in enumerate(lm.arch.out_projs)}
+# target -> (the projections, in words; the arch's modules of that projection, one per layer)
+TARGETS: dict[str, tuple[str, Callable[[Arch], tuple[nn.Module, ...]]]] = {
+    "attention": ("attention output projections", lambda arch: arch.out_projs),
+    "mlp": ("MLP output projections", lambda arch: arch.down_projs),
+}
+
+
+def proj_names(lm: LoadedModel, target: str = "attention") -> dict[int, str]:
+    """{l: the dotted name of the target projection's module of layer l inside lm.model} (W^l for "attention",
+    W_down^l for "mlp"; what PEFT's target_modules and keys use)."""
+    words, modules = TARGETS[target]
+    index = {id(m): l for l, m in enumerate(modules(lm.arch))}
     names = {index[id(m)]: name for name, m in lm.model.named_modules() if id(m) in index}
     if len(names) != lm.arch.n_layers:
-        raise LocauditError(f"cannot name the attention output projections of {lm.name} (found {len(names)} of "
+        raise LocauditError(f"cannot name the {words} of {lm.name} (found {len(names)} of "
                             f"{lm.arch.n_layers}); export from a model loaded by locaudit")
     return names
+
+
+def out_proj_names(lm: LoadedModel) -> dict[int, str]:
+    """{l: the dotted name of W^l's module inside lm.model}."""
+    return proj_names(lm, "attention")
 
 
 def check_out_dir(out: Path) -> Path:
@@ -101,12 +121,14 @@ def write_dir(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def write_adapter(out: Path, lm: LoadedModel, lora: RankOneLoRA) -> Path:
-    """Write `lora` as a PEFT LoRA adapter for lm.model into the new directory `out` (atomically).
+def write_adapter(out: Path, lm: LoadedModel, lora: RankOneLoRA, target: str = "attention") -> Path:
+    """Write `lora` as a PEFT LoRA adapter for lm.model on the `target` projections (see TARGETS) into the new
+    directory `out` (atomically).
 
     target_modules lists the edited modules' full names, so PEFT wraps exactly those; lora_alpha = scale with
-    r = 1 gives PEFT's scaling = scale, so the factors are stored unchanged."""
-    names = out_proj_names(lm)
+    r = 1 gives PEFT's scaling = scale, so the factors are stored unchanged. GPT-2's Conv1D stores W and
+    W_down alike transposed, hence fan_in_fan_out for both."""
+    names = proj_names(lm, target)
     targets = [names[l] for l in lora.layers]
     clashes = [n for n, _ in lm.model.named_modules() if n not in targets and any(n.endswith("." + t) for t in targets)]
     if clashes:  # PEFT matches list entries as name suffixes too
@@ -166,13 +188,18 @@ def read_adapter(path: Path, arch: Arch) -> RankOneLoRA:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise LocauditError(f"{weights} is unreadable ({' '.join(str(e).split())[:160]}); re-save the adapter") from None
-    layer_of = _layer_parser(arch)
+    layer_of = _layer_parser(arch, arch.family.out_proj)
+    mlp_layer_of = _layer_parser(arch, arch.family.down_proj)
     factors: dict[str, dict[int, torch.Tensor]] = {"A": {}, "B": {}}
     for key, t in tensors.items():
         m = _KEY.fullmatch(key)
         if m is None:
             raise unsupported(f"has the tensor {key}, which is not a LoRA factor")
         layer = layer_of(m["module"])
+        if layer is None and mlp_layer_of(m["module"]) is not None:
+            raise unsupported(f"targets {m['module']}, which is not an attention output projection but an MLP "
+                              f"output projection W_down^l (a neuron edit's export: evaluate that edit from its "
+                              f"edit directory, whose neuron set the adapter does not record)")
         if layer is None:
             raise unsupported(f"targets {m['module']}, which is not an attention output projection "
                               f"(*.{arch.family.out_proj}) of this {arch.model_type} model's {arch.n_layers} layers")
@@ -195,11 +222,11 @@ def read_adapter(path: Path, arch: Arch) -> RankOneLoRA:
                        B={l: b.float() for l, b in factors["B"].items()}, scale=float(alpha))
 
 
-def _layer_parser(arch: Arch) -> Callable[[str], int | None]:
-    """Module name -> l when it is W^l's module (`<blocks path>.<l>.<out_proj path>`, any of the family's
-    block paths), else None."""
+def _layer_parser(arch: Arch, proj: str) -> Callable[[str], int | None]:
+    """Module name -> l when it is layer l's module at the path `proj` from a block (`<blocks path>.<l>.<proj>`,
+    any of the family's block paths), else None."""
     blocks = "|".join(re.escape(p) for p in arch.family.layers)
-    pattern = re.compile(rf"(?:{blocks})\.(?P<l>\d+)\.{re.escape(arch.family.out_proj)}")
+    pattern = re.compile(rf"(?:{blocks})\.(?P<l>\d+)\.{re.escape(proj)}")
 
     def layer(name: str) -> int | None:
         m = pattern.fullmatch(name)

@@ -18,16 +18,18 @@ from locaudit.cli import main
 from locaudit.errors import LocauditError
 from locaudit.export import BIAS_FLAGS, export_peft, import_peft
 from locaudit.heads import parse_heads
-from locaudit.interventions import ITI, FullRank1, LocalizedRank1, NoEdit, load_intervention
+from locaudit.interventions import ITI, FullRank1, LocalizedRank1, NeuronRank1, NoEdit, load_intervention
 from locaudit.models import LoadedModel, arch_for, load_model
-from locaudit.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SUPPORTED, out_proj_names
+from locaudit.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SUPPORTED, out_proj_names, proj_names
 from tests.conftest import make_tiny
+from locaudit.unitsets import parse_neurons
 from tests.test_reliability import real_rows, write_csv
 
 # float32 on CPU: PEFT adds scale * B (A o) after W o, the hook adds s <a, o> b before W (or B (A o) after it);
 # the same sums in another order differ by ~5e-6 on these logits of size ~5.
 ATOL = 1e-4
 HEADS = "L0H1,L0H3,L2H0"  # two layers
+NEURONS = "L0N3,L0N17,L2N5,L2N40"  # two layers
 
 
 def ids():
@@ -129,6 +131,56 @@ def test_full_rank1_adapter_round_trips_exactly(tiny, tmp_path):
         assert back.layers == edit.layers and back.all_layers == (layers is None) and back.scale == edit.scale
         for l in edit.layers:
             assert torch.equal(back.A[str(l)], edit.A[str(l)]) and torch.equal(back.B[str(l)], edit.B[str(l)])
+
+
+def trained_neurons(lm, scale: float = 1.8) -> NeuronRank1:
+    """A neuron edit that looks trained: random a and b (b on the chosen neurons only), a non-unit scale."""
+    edit = NeuronRank1(parse_neurons(NEURONS, lm.arch.n_layers, lm.arch.n_neurons), lm.arch, seed=1, scale=scale)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in edit.a.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+        for p in edit.b_s.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.8)
+    return edit
+
+
+def test_neuron_adapter_matches_hooked_edit_and_is_refused_on_import(tiny, tmp_path):
+    lm = tiny
+    edit = trained_neurons(lm)
+    hooked, base = logits(lm.model, edit, lm), logits(lm.model)
+    assert (hooked - base).abs().max() > 0.1
+    out = tmp_path / "peft"
+    assert export_peft(edit, lm, out) == "a PEFT rank-1 LoRA adapter on the MLP output projections of layers [0, 2]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+    cfg = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert cfg["r"] == 1 and cfg["lora_alpha"] == 1.8 and cfg["fan_in_fan_out"] == (lm.arch.model_type == "gpt2")
+    names = proj_names(lm, "mlp")
+    assert cfg["target_modules"] == [names[0], names[2]]
+    assert names[0].endswith(lm.arch.family.down_proj) and names[0] != out_proj_names(lm)[0]
+    # lora_B = W_down^l b^l (b^l zero outside the chosen neurons), lora_A = a^l^T
+    tensors = load_file(str(out / ADAPTER_WEIGHTS))
+    b2 = edit.b(2).detach()
+    assert torch.count_nonzero(b2) == 2 and b2[5] != 0 and b2[40] != 0
+    assert torch.allclose(tensors[f"base_model.model.{names[2]}.lora_B.weight"][:, 0],
+                          lm.arch.W_down(2).float() @ b2, atol=1e-6)
+    assert tensors[f"base_model.model.{names[2]}.lora_A.weight"].shape == (1, lm.arch.n_neurons)
+    assert torch.equal(tensors[f"base_model.model.{names[2]}.lora_A.weight"][0], edit.a["2"].detach())
+
+    pm, wrapped = peft_model(lm, out)
+    assert wrapped == {names[0], names[2]}  # exactly the edited layers' W_down^l
+    assert torch.allclose(logits(pm), hooked, atol=ATOL, rtol=0)
+    merged = copy.deepcopy(lm.model)  # PEFT's merge_and_unload gives the same weights as the edit's merge
+    edit.merge(LoadedModel(model=merged, tokenizer=lm.tokenizer, arch=arch_for(merged), name=lm.name))
+    assert torch.allclose(logits(pm.merge_and_unload()), logits(merged), atol=ATOL, rtol=0)
+    assert torch.equal(logits(lm.model), base)  # exporting left the model alone
+
+    # import_peft refuses it: no locaudit edit but this NeuronRank1 is the update, and the neuron set is not recorded
+    with pytest.raises(LocauditError) as e:
+        load_intervention(out, lm.arch)
+    msg = str(e.value)
+    assert msg.startswith(f"PEFT adapter {out} targets {names[0]}, which is not an attention output projection "
+                          f"but an MLP output projection") and msg.endswith(SUPPORTED) and "\n" not in msg
 
 
 def random_iti(lm, placement: str) -> ITI:
