@@ -1,8 +1,10 @@
 """Many edits, one pass: K independent fits trained together, each giving what its own `training.fit` gives.
 
 A study fits dozens of edits on the same pairs (the claimed set, random sets, single heads, full alignment, a
-tau grid of each). Each step of one fit runs the model on B pairs; a GPU step is latency-bound (per-layer kernel
-launches), so K fits in one forward of K*B rows cost little more than one. `fit_packed` does that:
+tau grid of each). Each step of one fit runs the model on B pairs; a GPU step of one edit is latency-bound
+(per-layer kernel launches), so K fits in one forward of K*B rows should cost little more than one. On a CPU the
+arithmetic is the bound, and only the layers below the pack's lowest edited layer are saved (bench/README.md,
+"Packed fits"). `fit_packed` does this:
 
 - the B pairs' rows are replicated once per live edit, rows k*B..(k+1)*B-1 belonging to edit k (`pack`): the
   layers below the lowest edited layer l0 run once on the B rows, and a pre-hook on each block from l0 on repeats
