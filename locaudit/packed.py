@@ -1,8 +1,10 @@
 """Many edits, one pass: K independent fits trained together, each giving what its own `training.fit` gives.
 
 A study fits dozens of edits on the same pairs (the claimed set, random sets, single heads, full alignment, a
-tau grid of each). Each step of one fit runs the model on B pairs; a GPU step is latency-bound (per-layer kernel
-launches), so K fits in one forward of K*B rows cost little more than one. `fit_packed` does that:
+tau grid of each). Each step of one fit runs the model on B pairs; a GPU step of one edit is latency-bound
+(per-layer kernel launches), so K fits in one forward of K*B rows should cost little more than one. On a CPU the
+arithmetic is the bound, and only the layers below the pack's lowest edited layer are saved (bench/README.md,
+"Packed fits"). `fit_packed` does this:
 
 - the B pairs' rows are replicated once per live edit, rows k*B..(k+1)*B-1 belonging to edit k (`pack`): the
   layers below the lowest edited layer l0 run once on the B rows, and a pre-hook on each block from l0 on repeats
@@ -257,20 +259,17 @@ def _pair_losses(lm, enc, ref, idx, cfgs: Sequence[FitConfig], kv) -> list[tuple
 def evaluate_packed(lm: LoadedModel, edits: Sequence[Intervention], enc, ref, cfgs: Sequence[FitConfig],
                     batch_size: int = 16) -> list[dict[str, float]]:
     """`training.evaluate_pairs` for K edits in one pass: each edit's mean loss, preference accuracy, margin."""
-    losses = [[] for _ in edits]
-    hs = [[] for _ in edits]
+    losses, hs = [], []
     with pack(lm, edits):
         kv = prefix_kv(lm, enc.prefix)
         for s in range(0, len(enc), batch_size):
             idx = list(range(s, min(s + batch_size, len(enc))))
-            for e, (loss, h) in enumerate(_pair_losses(lm, enc, ref, idx, cfgs, kv)):
-                losses[e].append(loss.double().cpu())
-                hs[e].append(h.double().cpu())
-    out = []
-    for ls, h in zip(losses, hs):
-        loss, h = torch.cat(ls), torch.cat(h)
-        out.append({"loss": float(loss.mean()), "pref_acc": preference_accuracy(h), "margin": float(h.mean())})
-    return out
+            per_edit = _pair_losses(lm, enc, ref, idx, cfgs, kv)
+            losses.append(torch.stack([loss for loss, _ in per_edit]).double().cpu())  # (K, pairs), one copy
+            hs.append(torch.stack([h for _, h in per_edit]).double().cpu())
+    loss, h = torch.cat(losses, dim=1), torch.cat(hs, dim=1)
+    return [{"loss": float(loss[e].mean()), "pref_acc": preference_accuracy(h[e]), "margin": float(h[e].mean())}
+            for e in range(len(edits))]
 
 
 @dataclass
@@ -390,13 +389,14 @@ def fit_packed(lm: LoadedModel, edits: Sequence[Intervention], train_pairs: Sequ
                 losses = [loss.mean() for loss, _ in _pair_losses(lm, enc_train, ref_train, idx, [r.cfg for r in live], kv)]
                 for r in live:
                     r.opt.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()  # each edit's gradient is that of its own mean loss
+                losses = torch.stack(losses)
+                losses.sum().backward()  # each edit's gradient is that of its own mean loss
             step += 1
-            for r, loss in zip(live, losses):
+            for r, loss in zip(live, losses.detach().tolist()):
                 r.opt.step()
                 r.sched.step()
                 r.steps = step
-                r.history.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": float(loss.detach()),
+                r.history.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
                                   "lr": r.sched.get_last_lr()[0]})
             bar.update(1)
             due = [r for r in live if step in r.eval_points]

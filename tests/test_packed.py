@@ -4,9 +4,11 @@ step's loss checked by hand; the retry rule; bad packs refused.
 
 Tolerance: float32 throughout, and the packed and solo paths compute the same sums in another order (one
 batched matmul over K blocks instead of K matmuls, a per-block prefix instead of a broadcast one), so each
-operation differs by a few ulps (~1e-7 relative); Adam normalises its updates, which keeps those differences at
-that order over a few steps (observed: <= 6e-7 relative in losses and parameters after 6 steps). Asserted with
-rtol 1e-5, atol 1e-6, twenty times the observed; statuses, steps and best steps exactly.
+operation differs by a few ulps (~1e-7 relative), which a few Adam steps carry into the results. Observed over
+the five families (4 steps): losses within 17% of rtol 1e-5 + atol 1e-6, so they are asserted at that; parameters
+up to 9e-6 relative, on entries whose gradients are near zero (Adam's step lr * m / (sqrt(v) + eps) is most
+sensitive there), using up to 60% of that tolerance, so they are asserted at rtol 1e-4 + atol 1e-5; statuses,
+steps and best steps exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from locaudit.scoring import collate, encode, encode_prefix, prefix_kv
 from locaudit.training import FitConfig, fit, fit_to_optimum
 from tests.test_edits import randomise, toy_pairs
 
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-5, 1e-6  # losses
+P_RTOL, P_ATOL = 1e-4, 1e-5  # parameters
 BASE = FitConfig(tau=0.5, batch_size=4, lr=1e-1, fmt="qa", max_steps=4, eval_every=1, patience=50)
 
 
@@ -49,8 +52,8 @@ def _pack_spec(lm):
     ]
 
 
-def _close(x, y):
-    np.testing.assert_allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), rtol=RTOL, atol=ATOL)
+def _close(x, y, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), rtol=rtol, atol=atol)
 
 
 def _assert_same(solo, pk):
@@ -64,7 +67,7 @@ def _assert_same(solo, pk):
     s, p = solo.edit.state_dict(), pk.edit.state_dict()
     assert s.keys() == p.keys()
     for k in s:
-        _close(p[k], s[k])
+        _close(p[k], s[k], P_RTOL, P_ATOL)
 
 
 def test_pack_equals_sequential_fits(tiny):
@@ -100,6 +103,50 @@ def test_pack_without_prefix_and_dpo(tiny_llama):
         _assert_same(s, p)
     assert pk[3].history[0]["val_loss"] != pk[4].history[0]["val_loss"] != pk[0].history[0]["val_loss"]
     assert [h["step"] for h in pk[0].history if "val_loss" in h] == [0, 2, 4, 6, 8]
+
+
+def test_each_edit_gets_its_solo_gradient(tiny_llama, monkeypatch):
+    """The gradient each edit's optimizer steps on in `fit_packed` is that of the edit's own mean loss, as in its
+    own `fit` step (a mean over edits would scale them by 1/K, which Adam's scale invariance would hide from the
+    fits' results)."""
+    from locaudit.training import _pair_forward, prepare_pairs
+
+    lm = tiny_llama
+    base = replace(BASE, shuffle=False, batch_size=3, max_steps=1)
+    cfgs = [replace(base, tau=0.5), replace(base, tau=0.1, objective="dpo"), replace(base, tau=0.2)]
+    train, val = toy_pairs(6, 95), toy_pairs(2, 200)
+
+    def make():
+        edits = [randomise(LocalizedRank1(parse_heads("L1H0,L2H1", 3, 4), lm.arch), 1),
+                 randomise(FullRank1(lm.arch, layers=[0, 2]), 2),
+                 randomise(LocalizedRank1(parse_heads("L2H3", 3, 4), lm.arch), 3)]
+        with torch.no_grad():
+            for e in edits:
+                for p in e.parameters():
+                    p.mul_(0.2)
+        return edits
+
+    enc, ref, _, _ = prepare_pairs(lm, train, val, base, progress=False)
+    solo = []
+    for e, cfg in zip(make(), cfgs):
+        with e.attach(lm):
+            loss, _ = _pair_forward(lm, enc, ref, [0, 1, 2], cfg)  # the first batch, unshuffled
+            loss.mean().backward()
+        solo.append([p.grad.clone() for p in e.parameters()])
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(opt, *a, **k):
+        seen.append([p.grad.clone() for group in opt.param_groups for p in group["params"]])
+        return step(opt, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    fit_packed(lm, make(), train, val, cfgs, progress=False)
+    assert len(seen) == 3
+    for got, want in zip(seen, solo):
+        for g, w in zip(got, want):
+            assert w.abs().max() > 1e-4  # a real gradient
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def _row_counter(module, counts):
