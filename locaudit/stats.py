@@ -91,7 +91,8 @@ def null_test(target: float, random_scores: Sequence[float]) -> NullTest:
     if n == 0:
         nan = float("nan")
         return NullTest(target, 0, nan, nan, nan, nan, nan, nan)
-    sd = float(r.std(ddof=1)) if n > 1 else float("nan")
+    # equal scores have sd 0, though their float sd can be ~1e-17 (1/12 twenty-one times): no t-test either way
+    sd = (float(r.std(ddof=1)) if np.ptp(r) > 0 else 0.0) if n > 1 else float("nan")
     if n > 1 and sd > 0:
         t, p = st.ttest_1samp(r, target)
         t, p = float(t), float(p)

@@ -44,6 +44,9 @@ def test_null_test_matches_scipy_and_counts_ranks():
     tie = stats.null_test(0.3, [0.3, 0.2])
     assert tie.percentile == pytest.approx(75.0) and tie.p_rank == pytest.approx(2 / 3)
     assert stats.null_test(0.3, []).n_random == 0
+    for value in (0.5, 1 / 12):  # equal random scores (whose float sd need not be 0): sd 0 and no t-test
+        flat = stats.null_test(0.9, [value] * 21)
+        assert flat.random_sd == 0.0 and np.isnan(flat.t) and np.isnan(flat.p_ttest) and flat.p_rank == 1 / 22
 
 
 def test_verdicts_follow_the_numbers():
