@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -107,24 +107,13 @@ PAIR_FIELDS = ("question", "chosen", "rejected")
 _PAIR_HELP = 'one JSON object per line: {"question": ..., "chosen": truthful answer, "rejected": untruthful answer}'
 
 
-def load_preference_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
-    """User-supplied preference pairs from a JSONL file, one object per line with the text fields `question`,
-    `chosen` (the preferred, truthful answer) and `rejected`, and optionally an integer `qid` (pairs of one
-    question share it; without it every distinct question text gets its own id, in order of appearance).
-
-    Blank lines are skipped; anything else that is not such an object raises LocauditError naming the line.
-    Texts are stripped and otherwise kept as written (no TruthfulQA period normalisation)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LocauditError(f"preference file {show(str(path), 80)} not found; give a JSONL file with {_PAIR_HELP}")
+def jsonl_objects(path: Path, fix: str) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "FILE line N", object) for every non-blank line of a JSONL file; an unreadable file, a line
+    that is not UTF-8, not JSON or not an object raises one LocauditError naming the line and ending in `fix`."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise LocauditError(f"cannot read {path} ({e.strerror or type(e).__name__}); check the file and its permissions") from None
-    pairs: list[PreferencePair] = []
-    implicit: dict[str, int] = {}
-    qid_text: dict[int, tuple[str, int]] = {}
-    has_qid: bool | None = None
     for n, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path} line {n}"
         try:
@@ -135,12 +124,29 @@ def load_preference_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LocauditError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); write {_PAIR_HELP}") from None
-        except (ValueError, RecursionError):
-            raise LocauditError(f"{where}: not valid JSON; write {_PAIR_HELP}") from None
+        except (ValueError, RecursionError) as e:
+            msg = f" ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+            raise LocauditError(f"{where}: not valid JSON{msg}; {fix}") from None
         if not isinstance(obj, dict):
-            raise LocauditError(f"{where}: expected a JSON object, got {type(obj).__name__}; write {_PAIR_HELP}")
+            raise LocauditError(f"{where}: expected a JSON object, got {type(obj).__name__}; {fix}")
+        yield n, where, obj
+
+
+def load_preference_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
+    """User-supplied preference pairs from a JSONL file, one object per line with the text fields `question`,
+    `chosen` (the preferred, truthful answer) and `rejected`, and optionally an integer `qid` (pairs of one
+    question share it; without it every distinct question text gets its own id, in order of appearance).
+
+    Blank lines are skipped; anything else that is not such an object raises LocauditError naming the line.
+    Texts are stripped and otherwise kept as written (no TruthfulQA period normalisation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocauditError(f"preference file {show(str(path), 80)} not found; give a JSONL file with {_PAIR_HELP}")
+    pairs: list[PreferencePair] = []
+    implicit: dict[str, int] = {}
+    qid_text: dict[int, tuple[str, int]] = {}
+    has_qid: bool | None = None
+    for n, where, obj in jsonl_objects(path, f"write {_PAIR_HELP}"):
         missing = [k for k in PAIR_FIELDS if k not in obj]
         if missing:
             raise LocauditError(f"{where}: missing field(s) {', '.join(missing)}; write {_PAIR_HELP}")

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from locaudit.data.examples import jsonl_objects
 from locaudit.data.formats import PromptFormat
 from locaudit.errors import LocauditError
 from locaudit.heads import show
@@ -66,29 +67,11 @@ def read_preference_file(path: str | os.PathLike) -> tuple[list[Item], str]:
     path = Path(path)
     if not path.is_file():
         raise LocauditError(f"preference file {show(str(path), 80)} not found; give a JSONL file ({_HELP})")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise LocauditError(f"cannot read {path} ({e.strerror or type(e).__name__}); check the file and its permissions") from None
     form = None
     prompts: dict[str, int] = {}
     pairs: list[list[tuple[str, str]]] = []
     groups: list[str] = []
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        where = f"{path} line {n}"
-        try:
-            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError:
-            raise LocauditError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            msg = f" ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-            raise LocauditError(f"{where}: not valid JSON{msg}; {_HELP}") from None
-        if not isinstance(obj, dict):
-            raise LocauditError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_HELP}")
+    for n, where, obj in jsonl_objects(path, _HELP):
         try:
             this = _form(obj)
         except LocauditError as e:
