@@ -11,6 +11,7 @@ with 130; every finished artefact is already on disk (atomic writes), so rerunni
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import math
@@ -206,6 +207,8 @@ def cmd_run(args) -> None:
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
                             data_dir=args.data_dir, limit_questions=args.limit_questions, seed=args.seed,
                             judge=args.judge)
+    if args.packing is not None:
+        preset = dataclasses.replace(preset, study=dataclasses.replace(preset.study, packing=args.packing))
     preset.data.load_split()  # bad data fails now, before the model is loaded
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     from locaudit.report import console_summary
@@ -224,7 +227,7 @@ def cmd_audit(args) -> None:
     from locaudit.audit import AuditConfig, audit
     from locaudit.audit.claims import claim_kind
     from locaudit.models import load_model
-    from locaudit.study import load_preset, with_overrides
+    from locaudit.study import load_preset, make_backend, with_overrides
     from locaudit.tasks import TruthfulQATask, load_task
 
     preset = with_overrides(load_preset(args.preset), model=args.model, device=args.device, dtype=args.dtype,
@@ -239,11 +242,15 @@ def cmd_audit(args) -> None:
     else:
         task = load_task(args.task)
     cfg = AuditConfig.from_preset(preset, n_random=args.random, match_layers=args.match_layers or None,
-                                  limit_items=args.limit_items, steering=False if args.no_steering else None)
+                                  limit_items=args.limit_items, steering=False if args.no_steering else None,
+                                  packing=args.packing)
     task.split(cfg.seed, cfg.limit_items)  # bad or too little data fails now, before the model is loaded
     out = args.out or Path("runs") / ("audit-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    backend = None if args.backend is None else make_backend(
+        args.backend, workers=args.workers, address=args.address, gpus_per_arm=args.gpus_per_arm,
+        cpus_per_arm=args.cpus_per_arm)  # checks its options (and a missing Ray) before the model loads
     lm = load_model(preset.model.model, device=preset.model.device, dtype=preset.model.dtype)
-    result = audit(claim, task, out, cfg, lm=lm)
+    result = audit(claim, task, out, cfg, lm=lm, backend=backend)
     steering = "" if result.steering is None else f"\n{result.steering.verdict}"
     print(f"{result.verdict}{steering}\nreport: {Path(out) / 'report.html'}")
 
@@ -372,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-arm", type=_nonneg_float, default=None,
                    help="ray: GPUs each worker holds, a fraction shares one (default 1 if the cluster has GPUs, else 0)")
     p.add_argument("--cpus-per-arm", type=_float, default=None, help="ray: CPUs each worker holds (default 1)")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default=None,
+                   help="fit each arm's tau grid in one pass (on), fit by fit (off), or as a short timing of both on "
+                        "this device decides (auto, the preset's default; the decision is logged and kept in the run)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("audit", help="audit a localization claim: the optimal edit (and the claim's steering "
@@ -399,7 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-steering", action="store_true",
                    help="skip the steering arms (the claim's steering heuristic, ITI for heads and mean-difference "
                         "steering for neurons and layers, at the claim and at each random set)")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default=None,
+                   help="fit each arm's tau grid in one pass (on), fit by fit (off), or as a short timing of both on "
+                        "this device decides (auto, the preset's default; the decision is logged and kept in the run)")
     p.add_argument("--seed", type=_nonneg_int, default=None)
+    p.add_argument("--backend", default=None,
+                   help="run the arms on an execution backend instead of one after another here: local (worker "
+                        "processes, --workers N) or ray (a Ray cluster, as for `run`; docs/distributed.md)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="with --backend: workers running arms")
+    p.add_argument("--address", default=None, help="--backend ray: the cluster's head node HOST:PORT, or local")
+    p.add_argument("--gpus-per-arm", type=_nonneg_float, default=None, help="--backend ray: GPUs per worker")
+    p.add_argument("--cpus-per-arm", type=_float, default=None, help="--backend ray: CPUs per worker (default 1)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("report", help="rebuild results and report.html from a run directory")

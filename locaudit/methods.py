@@ -6,6 +6,9 @@ its edit (and so needs pi0's log-probs of the preference pairs), where it edits 
 or every W^l), and how to build its edit for given heads and value. The runner, the study driver, the plan
 and the report look methods up in `METHODS` instead of branching on their names.
 
+A fitted method may also offer `build_grid(src, heads, values)` (`OptimalEdit` does): the runner then fits an
+arm's whole grid in one call, packed into one pass where the device's measurement says it pays (`packing`).
+
 The names ("none", "iti", "ipo", "full") are stored in trial files and results.csv: keep them. A new method
 is one new entry here (and the arms that use it in `study.plan`).
 """
@@ -13,6 +16,7 @@ is one new entry here (and the arms that use it in `study.plan`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol, Sequence
 
 from locaudit.data.examples import PreferencePair
@@ -21,6 +25,7 @@ from locaudit.heads import HeadSet
 from locaudit.interventions import ITI, FullRank1, Intervention, NoEdit
 from locaudit.units import UnitSet, as_units
 from locaudit.models import LoadedModel
+from locaudit.packing import PackingChoice, fit_grid
 from locaudit.probes import ProbeResult
 from locaudit.training import FitConfig, FitResult, fit_to_optimum
 
@@ -46,6 +51,19 @@ def fit_optimal_edit(lm: LoadedModel, heads: HeadSet | None, train_pairs: Sequen
                           cfg, n_heads=n_heads, progress=progress)
 
 
+def fit_optimal_edits(lm: LoadedModel, heads: HeadSet | None, train_pairs: Sequence[PreferencePair],
+                      val_pairs: Sequence[PreferencePair], cfgs: Sequence[FitConfig], seed: int = 0,
+                      packing: str = "auto", store: Path | None = None,
+                      progress: bool = True) -> tuple[list[FitResult], PackingChoice | None]:
+    """`fit_optimal_edit` for each of `cfgs` (a grid at one location, e.g. its taus), packed into one pass or one
+    by one as the device's measurement decides (`packing.fit_grid`); the results in `cfgs`' order and the
+    decision."""
+    n_heads = None if heads is None else as_units(heads).lr_size(lm.arch)
+    label = "full alignment" if heads is None else as_units(heads).spec()
+    return fit_grid(lm, lambda: make_edit(lm, heads, seed=seed, scale=cfgs[0].lora_scale), train_pairs, val_pairs,
+                    cfgs, n_heads=n_heads, mode=packing, store=store, label=label, progress=progress)
+
+
 @dataclass(frozen=True)
 class EditSource:
     """What methods build edits from: the model; probe directions and sigmas and ITI's placement (steering);
@@ -59,6 +77,8 @@ class EditSource:
     fit: FitConfig = field(default_factory=FitConfig)
     seed: int = 0
     progress: bool = False
+    packing: str = "auto"  # how a fitted method's grid is trained (`packing.MODES`)
+    packing_store: Path | None = None  # where each device's packing decision is kept (`packing.fit_grid`)
 
 
 @dataclass
@@ -154,6 +174,16 @@ class OptimalEdit:
         result = fit_optimal_edit(src.lm, heads if self.scope == "heads" else None, src.train_pairs, src.val_pairs,
                                   replace(src.fit, tau=value), seed=src.seed, progress=src.progress)
         return Built(result.edit, result)
+
+    def build_grid(self, src: EditSource, heads: HeadSet | None, values: Sequence[float]) -> list[Built]:
+        """Its edits for every tau of `values` at once: one pack when the device's measurement says packing pays
+        (`fit_optimal_edits`), else one fit after another."""
+        if self.scope == "heads" and heads is None:
+            raise LocauditError(f"method {self.name!r} edits a head set; give heads")
+        results, _ = fit_optimal_edits(src.lm, heads if self.scope == "heads" else None, src.train_pairs,
+                                       src.val_pairs, [replace(src.fit, tau=v) for v in values], seed=src.seed,
+                                       packing=src.packing, store=src.packing_store, progress=src.progress)
+        return [Built(r.edit, r) for r in results]
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -1,5 +1,6 @@
 """Execution backends: the tiny smoke study of tests/test_study.py run on a local Ray instance (2 CPUs, two
-workers) writes the same results as the local backend; a Ray worker that cannot see the run directory, a
+workers) writes the same results as the local backend, and so does an audit (on Ray and on local worker
+processes, against the same audit run in this process); a Ray worker that cannot see the run directory, a
 missing Ray and options of the wrong backend each fail in one line."""
 
 from __future__ import annotations
@@ -34,6 +35,45 @@ def run_on(out: Path, backend):
         torch.set_num_threads(old)
 
 
+def audit_on(out: Path, backend, tmp: Path):
+    """An audit of two heads with steering arms on the tiny Llama, on `backend`, checked against the same audit
+    run in this process (both on one thread): every arm's trials and the statistics equal."""
+    from locaudit.audit import AuditConfig, audit
+    from tests.test_audit import FAST, write_pairs
+
+    data = write_pairs(tmp / "pairs.jsonl")
+    # packing pinned: "auto" times both ways in each audit directory and may choose differently (results equal
+    # only to rounding then)
+    cfg = AuditConfig(n_random=2, fit=FAST, taus=(0.1, 0.3), alphas=(5.0, 15.0), meandiff_alphas=(1.0, 4.0),
+                      packing="on")
+    lm = make_tiny("llama")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = audit("L0H1,L2H3", data, tmp / "audit-here", cfg, lm=lm, progress=False)
+        there = audit("L0H1,L2H3", data, out, cfg, lm=lm, progress=False, backend=backend)
+    finally:
+        torch.set_num_threads(old)
+    assert there.config["placement"]["backend"] == backend.name and here.config["placement"]["backend"] == "this process"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731
+    assert strip(there.rows) == strip(here.rows) and len(there.rows) == 8  # none, claim, 2 random, full, 3 steering
+    assert repr((there.null, there.frac_full, there.verdict)) == repr((here.null, here.frac_full, here.verdict))
+    for f in sorted((tmp / "audit-here" / "trials").glob("*/*.json")):
+        a, b = read_json(f), read_json(out / f.relative_to(tmp / "audit-here"))
+        for r in (a, b):
+            r.pop("seconds")
+            if "fit" in r:
+                r["fit"].pop("seconds")
+        assert a == b, f.name
+    return there
+
+
+def test_audit_on_local_worker_processes(tmp_path):
+    """The local backend's worker processes (spawned, one thread each) give the in-process audit's trials."""
+    res = audit_on(tmp_path / "audit-pool", LocalBackend(2), tmp_path)
+    assert res.config["placement"] == {"backend": "local", "workers": 2}
+
+
 def rows_without_seconds(path: Path) -> list[dict]:
     with open(path) as f:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
@@ -50,6 +90,8 @@ def test_ray_backend_gives_the_local_results(tmp_path, monkeypatch):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         run_on(tmp_path / "ray", RayBackend(cpus_per_arm=1))
+        # an audit's arms on the same Ray instance: the same trials as one after another in this process
+        audit_on(tmp_path / "audit-ray", RayBackend(cpus_per_arm=1), tmp_path)
         # a run directory the workers do not share: here the driver's marker file never reaches the disk
         write_text = Path.write_text
         monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: None if self.name.startswith(".ray-")

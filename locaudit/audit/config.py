@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from locaudit.errors import LocauditError
+from locaudit.packing import check_mode as check_packing
 from locaudit.tasks import TaskSplit
 from locaudit.training import FitConfig
 
@@ -48,6 +49,7 @@ class AuditConfig:
     steering: bool = True
     alphas: tuple[float, ...] = (5.0, 10.0, 15.0, 20.0, 25.0)  # ITI's grid (the study's default alphas)
     meandiff_alphas: tuple[float, ...] = MEANDIFF_ALPHAS
+    packing: str = "auto"  # how an arm's tau grid is fitted: measured per device, or pinned (`locaudit.packing`)
 
     def __post_init__(self):
         if isinstance(self.n_random, bool) or not isinstance(self.n_random, int) or self.n_random < 0:
@@ -60,6 +62,7 @@ class AuditConfig:
                 raise LocauditError(f"{name} must be positive, got {v}")
         if self.n_boot <= 0 or self.batch_size <= 0:
             raise LocauditError(f"n_boot and batch_size must be positive, got {self.n_boot}, {self.batch_size}")
+        check_packing(self.packing)
         _grid("alphas (ITI's steering grid)", self.alphas)
         _grid("meandiff_alphas (mean-difference steering grid)", self.meandiff_alphas)
 
@@ -73,7 +76,7 @@ class AuditConfig:
         base = dict(n_random=p.study.n_random_sets, taus=tuple(p.study.taus), limit_items=p.data.limit_questions,
                     max_val_items=p.study.max_val_questions, max_test_items=p.study.max_test_questions,
                     seed=p.data.seed, n_boot=p.study.n_boot, batch_size=p.eval.batch_size, fit=p.fit,
-                    alphas=tuple(p.study.alphas))
+                    alphas=tuple(p.study.alphas), packing=p.study.packing)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 

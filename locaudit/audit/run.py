@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from locaudit.audit.claims import Claim, heuristic_record, resolve_claim
@@ -124,6 +124,8 @@ class AuditRun:
     resolved: Claim | None = None  # the claim's heuristic, whose probes / vectors the steering arms reuse
     _source: SteeringSource | None = None
     _val_base: float | None = None
+    _fitted: dict = field(default_factory=dict)  # (arm, tau) -> FitResult fitted with its grid, not yet stored
+    placement: dict = field(default_factory=lambda: {"backend": "this process", "workers": 1})  # where arms ran
 
     @property
     def val_items(self) -> tuple:
@@ -171,8 +173,9 @@ class AuditRun:
         elif arm.kind == "none":
             edit = NoEdit()
         else:
-            result = fit_edit(self.lm, self.task, arm.units, replace(self.cfg.fit, tau=tau), seed=self.cfg.seed,
-                              split=self.split, progress=self.progress)
+            result = self._fitted.pop((arm.name, tau), None) or fit_edit(
+                self.lm, self.task, arm.units, replace(self.cfg.fit, tau=tau), seed=self.cfg.seed, split=self.split,
+                progress=self.progress)
             edit = result.edit
             summary = fit_summary(result)
             edit_dir = self.out / "edits" / f"{arm.name}-{_tau_tag(tau)}"
@@ -188,6 +191,21 @@ class AuditRun:
         record["seconds"] = time.time() - t0
         atomic_write_json(path, record)
         return record
+
+    def fit_grid(self, arm: Arm) -> None:
+        """Fit the arm's taus whose trials are not stored yet together (`methods.fit_optimal_edits`: one pack where
+        this device's measurement says packing pays, decision kept under packing/); `run_trial` takes them."""
+        from locaudit.methods import fit_optimal_edits
+
+        missing = [t for t in self.cfg.taus if not self.trial_path(arm, t).is_file()]
+        if arm.kind in ("none", *STEER_KINDS) or len(missing) < 2:
+            return
+        fmt = self.task.prompt_format(self.lm).name
+        cfgs = [replace(self.cfg.fit, tau=t, seed=self.cfg.seed, fmt=fmt) for t in missing]
+        results, _ = fit_optimal_edits(self.lm, arm.units, self.task.pairs(self.split.train),
+                                       self.task.pairs(self.split.val), cfgs, seed=self.cfg.seed,
+                                       packing=self.cfg.packing, store=self.out / "packing", progress=self.progress)
+        self._fitted.update({(arm.name, t): r for t, r in zip(missing, results)})
 
     def val_base(self) -> float:
         """The unedited model's statistic on the validation items (each steering arm's alpha choice compares to it)."""
@@ -250,13 +268,16 @@ def _check_same(prev: Path, record: dict, out: Path) -> None:
 
 
 def audit(claim: UnitSet | HeadSet | str, task: Task | str, out: str | Path, config: AuditConfig | None = None,
-          lm: LoadedModel | str | None = None, progress: bool = True):
+          lm: LoadedModel | str | None = None, progress: bool = True, backend=None):
     """Audit the claim that `task`'s behaviour lives at the units `claim` (module docstring); write trials, the
     report (report.md, report.html), results.json and results.csv under `out`; return the `AuditResult`.
 
     `claim`: a unit set, names like "L12H3,L14H1", "L3N100,L3N7", "L12", or a heuristic's claim (probe:K,
     atp-heads:K, atp-neurons:K, atp-layers:K, sweep; `audit.claims`); `task`: a Task or its spec (`truthfulqa`,
-    `caa:sycophancy`, a .jsonl path); `lm`: a loaded model, a model id/path, or None for the embedded default."""
+    `caa:sycophancy`, a .jsonl path); `lm`: a loaded model, a model id/path, or None for the embedded default;
+    `backend`: None runs every arm here, one after another; an execution backend (`study.make_backend("local",
+    workers=2)`, `make_backend("ray", address=...)`) runs them on its workers (`audit.distributed`), with the
+    same trial files, so the same statistics and a resumable run."""
     from locaudit.audit.report import write_audit_report
     from locaudit.audit.verdict import summarize
 
@@ -279,7 +300,17 @@ def audit(claim: UnitSet | HeadSet | str, task: Task | str, out: str | Path, con
     trials: dict[str, list[dict]] = {}
     t0 = time.time()
     todo = [(arm, tau) for arm in arms for tau in ((None,) if arm.kind == "none" or arm.steers else cfg.taus)]
+    if backend is not None:
+        from locaudit.audit.distributed import run_on_backend
+
+        trials = run_on_backend(run, arms, backend, progress)
     for k, (arm, tau) in enumerate(todo, 1):
+        if backend is not None:  # already run: log each trial in plan order
+            r = next(x for x in trials[arm.name] if x["tau"] == tau)
+            run.log(_trial_line(k, len(todo), arm, tau, r, task.primary, False))
+            continue
+        if tau == cfg.taus[0]:
+            run.fit_grid(arm)
         done = run.trial_path(arm, tau).is_file()
         r = run.run_trial(arm, tau)
         trials.setdefault(arm.name, []).append(r)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from locaudit.audit.steering import STEERING
+from locaudit.packing import stored_choices
 from locaudit.stats import NullTest, null_test, ordinal
 from locaudit.tasks import ItemScores
 
@@ -160,7 +161,8 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
                               n_stuck=len(randoms) - len(live))
     steering = _steering(task, run, rows, stat, boot, base, full_row)
     config = {"n_random": cfg.n_random, "match_layers": cfg.match_layers, "taus": list(cfg.taus),
-              "n_boot": cfg.n_boot, "seed": cfg.seed, "steering": cfg.steering}
+              "n_boot": cfg.n_boot, "seed": cfg.seed, "steering": cfg.steering, "packing": cfg.packing,
+              "packing_decisions": stored_choices(run.out / "packing"), "placement": run.placement}
     if cfg.steering:
         config.update(alphas=list(cfg.alphas), meandiff_alphas=list(cfg.meandiff_alphas))
     resolved = run.resolved

@@ -1,4 +1,4 @@
-"""Execution backends: where the study's arms run. Each is a frozen dataclass of its options that follows
+"""Execution backends: where the study's arms (and the audit's jobs, `audit.distributed`) run. Each is a frozen dataclass of its options that follows
 `runner.ArmBackend`; `BACKENDS` names them and `make_backend` builds one from command-line options.
 
 - `local` (the default, needs nothing): the arms in this process, or in `workers` spawned single-thread processes
@@ -32,10 +32,8 @@ from locaudit.study.plan import Arm
 from locaudit.study.runner import (
     ArmBackend,
     ArmResult,
-    ArmRunner,
     StudyContext,
     WorkerSetup,
-    build_context,
     cpu_threads,
     default_workers,
     pool_init,
@@ -59,10 +57,10 @@ class LocalBackend:
 
     def run(self, ctx: StudyContext, arms: list[Arm], setup: WorkerSetup, progress: bool,
             record: dict) -> Generator[ArmResult, None, None]:
-        n = min(self.workers or default_workers(ctx.lm.device, ctx.preset.model.device), max(1, len(arms)))
+        n = min(self.workers or default_workers(ctx.lm.device, setup.device_spec), max(1, len(arms)))
         record.update(backend=self.name, workers=n)
         if n <= 1:
-            runner = ArmRunner(ctx, progress=progress)
+            runner = setup.local_runner(ctx, progress)
             with cpu_threads(ctx.lm, 1):
                 for arm in arms:
                     yield runner.run(arm)
@@ -113,7 +111,7 @@ class RayBackend:
         marker = Path(setup.out) / f".ray-{setup.token}"
         workers = []
         try:
-            gpus = self._gpus(ray, ctx)
+            gpus = self._gpus(ray, setup)
             nodes = [node for node in ray.nodes() if node.get("Alive")]
             slots = sum(_slots(node.get("Resources", {}), self.cpus_per_arm, gpus) for node in nodes)
             if slots == 0:
@@ -143,8 +141,8 @@ class RayBackend:
             raise LocauditError(f"cannot connect to a Ray cluster at {where} ({' '.join(str(e).split())[:200]}); "
                                 f"start one with `ray start --head` and give its address with --address") from None
 
-    def _gpus(self, ray, ctx: StudyContext) -> float:
-        device = ctx.preset.model.device
+    def _gpus(self, ray, setup: WorkerSetup) -> float:
+        device = setup.device_spec
         gpus = self.gpus_per_arm
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and device != "cpu" else 0.0
@@ -194,8 +192,9 @@ def _result(ray, ref, arm: Arm) -> ArmResult:
 
 
 class RayArmWorker:
-    """A Ray actor running arms: on its first arm it checks the run directory is shared and writable, then
-    builds the study's context (model on the GPU Ray gave it, or the CPU) and keeps it for the arms after."""
+    """A Ray actor running arms (of a study, or an audit's jobs): on its first one it checks the run directory is
+    shared and writable, then builds its runner (`setup.runner`: the model on the GPU Ray gave it, or the CPU)
+    and keeps it for the ones after."""
 
     def __init__(self, setup: WorkerSetup):
         self.setup = setup
@@ -206,8 +205,8 @@ class RayArmWorker:
             setup = self.setup
             check_shared_dir(Path(setup.out), setup.token)
             gpu = bool(import_ray().get_gpu_ids())  # Ray shows the actor only its own GPUs: cuda is the first
-            device = "cuda" if gpu and setup.preset.model.device != "cpu" else "cpu"
-            self.runner = ArmRunner(build_context(setup.on_device(device)))
+            device = "cuda" if gpu and setup.device_spec != "cpu" else "cpu"
+            self.runner = setup.runner(device)
         return self.runner.run(arm)
 
 

@@ -22,6 +22,7 @@ from locaudit.evaluation.lm_metrics import text_metrics_for
 from locaudit.evaluation.metrics import judge_answers, judged_fields
 from locaudit.methods import method_of
 from locaudit.models import LoadedModel
+from locaudit.packing import PackingChoice, stored_choices
 from locaudit.probes import ProbeResult
 from locaudit.report import load_trials, write_report
 from locaudit.stages import load, run_probe
@@ -104,12 +105,17 @@ def run_study(preset: Preset, out: Path, progress: bool = True, lm: LoadedModel 
     t0 = time.time()
     selections, arm_seconds, placement = run_arms(ctx, arms, backend, progress=progress, judge_spec=given_judges)
     stage_seconds.update(arm_seconds)  # per stage, summed over workers
+    packing = stored_choices(out / "packing")  # each device's decision on packing the tau grids (`locaudit.packing`)
+    if progress:
+        for c in packing:
+            tqdm.write(PackingChoice.from_dict(c).line())
     stage_seconds["arms_wall"] = time.time() - t0
     stage_seconds["total"] = time.time() - t_start
     selections = {a.name: selections.get(a.name) for a in arms}  # plan order
     atomic_write_json(out / "run.json", {"selections": selections, "judged": not deferred,
                                          "stage_seconds": stage_seconds, "workers": placement.get("workers"),
                                          "placement": placement,
+                                         "packing": packing,
                                          "split_hash": split.hash, "n_val_questions": len(ctx.val_q),
                                          "n_test_questions": len(ctx.test_q), "samples": samples, "model": lm.name,
                                          "arch": {"n_layers": lm.arch.n_layers, "n_heads": lm.arch.n_heads,

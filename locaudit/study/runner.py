@@ -110,6 +110,19 @@ class WorkerSetup:
     split: object
     token: str
 
+    @property
+    def device_spec(self) -> str:
+        """The device the model is asked for (`--device`): auto, cpu, cuda, cuda:1, ..."""
+        return self.preset.model.device
+
+    def runner(self, device: str) -> "ArmRunner":
+        """A worker's runner with the study's context rebuilt on `device` (backends call this on each worker)."""
+        return ArmRunner(build_context(self.on_device(device)))
+
+    def local_runner(self, ctx: "StudyContext", progress: bool) -> "ArmRunner":
+        """The runner in the calling process, over the context it already has."""
+        return ArmRunner(ctx, progress=progress)
+
     def on_device(self, device: str) -> "WorkerSetup":
         """The same setup with the model loaded on `device` (an in-memory model stays where it is)."""
         if self.lm is not None or device == self.preset.model.device:
@@ -161,13 +174,15 @@ class ArmRunner:
         self.progress = progress
         self.source = EditSource(ctx.lm, probes=ctx.probes, placement=ctx.preset.eval.iti_placement,
                                  train_pairs=preference_pairs(ctx.split.train), val_pairs=preference_pairs(ctx.split.val),
-                                 fit=ctx.preset.fit, seed=ctx.preset.data.seed, progress=progress)
+                                 fit=ctx.preset.fit, seed=ctx.preset.data.seed, progress=progress,
+                                 packing=ctx.preset.study.packing, packing_store=Path(ctx.out) / "packing")
 
     def run(self, arm: Arm) -> tuple[str, float | None, dict[str, float], int]:
         seconds = dict.fromkeys(STAGES, 0.0)
         values = arm.grid(self.ctx.preset.study)
         n = 0
         if len(values) > 1:
+            self._fit_grid(arm, values, seconds)
             val_rows = [self._trial(arm, v, "val", seconds) for v in values]
             n += len(values)
             if self.ctx.deferred:  # nothing to select on yet: keep every value's test trial
@@ -197,6 +212,20 @@ class ArmRunner:
         built.edit.save(d, extra=summary)
         seconds["ipo_train"] += time.time() - t
         return built.edit
+
+    def _fit_grid(self, arm: Arm, values, seconds) -> None:
+        """Fit the grid's edits not yet on disk together (`Method.build_grid`: one pack where the device's
+        measurement says it pays) and save each where `_edit` finds it."""
+        build_grid = getattr(arm.method, "build_grid", None)
+        missing = [v for v in values if not (edit_dir(self.ctx.out, arm, v) / "edit.json").is_file()]
+        if not arm.method.needs_fit or build_grid is None or len(missing) < 2:
+            return
+        t = time.time()
+        for v, built in zip(missing, build_grid(self.source, arm.heads, missing)):
+            summary = {"model": self.ctx.lm.name, "edit_label": arm.name, "split_hash": self.ctx.split.hash,
+                       **fit_summary(built.fit)}
+            built.edit.save(edit_dir(self.ctx.out, arm, v), extra=summary)
+        seconds["ipo_train"] += time.time() - t
 
     def _trial(self, arm: Arm, value, split_name, seconds) -> dict:
         ctx = self.ctx
@@ -251,7 +280,7 @@ def run_arms(ctx: StudyContext, arms: list[Arm], backend: ArmBackend, progress: 
     # test trials, the baseline last), so that parallel workers finish together instead of one running the last
     # long arm alone
     arms = sorted(arms, key=lambda a: -a.method.cost)
-    setup = WorkerSetup(ctx.preset, Path(ctx.out).resolve(), _portable(ctx.lm), judge_spec, ctx.deferred, ctx.split,
+    setup = WorkerSetup(ctx.preset, Path(ctx.out).resolve(), portable_model(ctx.lm), judge_spec, ctx.deferred, ctx.split,
                         uuid.uuid4().hex)
     bar = tqdm(total=sum(trial_count(a, ctx.preset.study, ctx.deferred) for a in arms), desc="study trials",
                disable=not progress)
@@ -286,7 +315,7 @@ class cpu_threads:
         return False
 
 
-def _portable(lm: LoadedModel):
+def portable_model(lm: LoadedModel):
     """What a worker needs to get the model: its spec (reloaded from the local cache), or the in-memory model
     itself when it has no spec to load from (a model built in memory, e.g. in tests)."""
     name = str(lm.name)
@@ -304,8 +333,8 @@ def pool_init(setup: WorkerSetup, counter) -> None:
     with counter.get_lock():
         index = counter.value
         counter.value += 1
-    _WORKER["runner"] = ArmRunner(build_context(setup.on_device(worker_device(setup.preset.model.device, index))))
+    _WORKER["runner"] = setup.runner(worker_device(setup.device_spec, index))
 
 
-def pool_run(arm: Arm) -> ArmResult:
+def pool_run(arm) -> ArmResult:
     return _WORKER["runner"].run(arm)
