@@ -253,3 +253,58 @@ def test_cli_audit_on_a_saved_model(tmp_path, capsys):
         err = capsys.readouterr().err
         lines = [l for l in err.replace("\r", "\n").splitlines() if l.startswith("locaudit:")]
         assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err and not bad.exists()
+
+
+def test_fits_that_never_left_their_plateau_are_not_optimal_edits(tmp_path):
+    """A fit that stopped with its best validation loss less than min_delta below its start is "flat": a flat
+    random set is left out of the null like a stuck one, a flat claim gets "inconclusive", a flat full alignment
+    "uninformative" (the audit re-reads its stored trials, edited here to make each fit flat)."""
+    from locaudit.audit.verdict import fit_status
+
+    start = {"val_loss": 25.0}
+    assert fit_status({"status": "converged", "best": {"val_loss": 24.9}, "val_start": start}, 0.01) == "flat"
+    assert fit_status({"status": "step_cap", "best": {"val_loss": 24.7}, "val_start": start}, 0.01) == "step_cap"
+    assert fit_status({"status": "stuck", "best": start, "val_start": start}, 0.01) == "stuck"
+    assert fit_status({}, 0.01) is None
+
+    lm = make_tiny("llama")
+    data = write_pairs(tmp_path / "p.jsonl")
+    cfg = AuditConfig(n_random=3, fit=FAST, steering=False)
+    out = tmp_path / "a"
+    first = audit("L0H1", data, out, cfg, lm=lm, progress=False)
+    assert "flat" not in [r["status"] for r in first.rows]
+
+    def flatten(arm):
+        path = out / "trials" / arm / "tau0.1.json"
+        r = json.loads(path.read_text())
+        r["fit"]["best"] = {**r["fit"]["best"], "val_loss": r["fit"]["val_start"]["val_loss"] * 0.995}
+        r["fit"]["status"] = "converged"
+        path.write_text(json.dumps(r))
+
+    flatten("random-01")
+    res = audit("L0H1", data, out, cfg, lm=lm, progress=False)
+    assert res.row("random-01")["status"] == "flat"
+    assert res.null.n_random == 2 and res.null_including_stuck.n_random == 3
+    flatten("full")
+    res = audit("L0H1", data, out, cfg, lm=lm, progress=False)
+    assert res.strength == "uninformative" and "Full alignment's fit is flat" in res.verdict
+    flatten("claim")
+    res = audit("L0H1", data, out, cfg, lm=lm, progress=False)
+    assert res.strength == "inconclusive" and "never left its starting plateau" in res.verdict
+
+
+def test_an_audit_written_before_a_setting_existed_still_resumes(tmp_path):
+    """audit.json (and a stored heuristic's key) from before `packing` existed match the same audit now."""
+    lm = make_tiny("llama")
+    data = write_pairs(tmp_path / "p.jsonl")
+    cfg = AuditConfig(n_random=1, fit=FAST, steering=False)
+    audit("L0H1", data, tmp_path / "a", cfg, lm=lm, progress=False)
+    path = tmp_path / "a" / "audit.json"
+    rec = json.loads(path.read_text())
+    del rec["config"]["packing"]
+    path.write_text(json.dumps(rec))
+    audit("L0H1", data, tmp_path / "a", cfg, lm=lm, progress=False)  # no "different settings"
+    rec["config"]["n_random"] = 2
+    path.write_text(json.dumps(rec))
+    with pytest.raises(LocauditError, match="different settings"):
+        audit("L0H1", data, tmp_path / "a", cfg, lm=lm, progress=False)

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from locaudit.audit.config import AuditConfig
+from locaudit.audit.config import AuditConfig, upgrade_record
 from locaudit.audit.steering import pair_batch
 from locaudit.errors import LocauditError
 from locaudit.heads import HeadSet
@@ -233,7 +233,7 @@ def _stored(out: Path, record: dict, key: dict, arch: Arch) -> Claim | None:
         return None
     try:
         stored = read_json(path)
-        if stored.get("key") != key or stored.get("spec") != record["spec"]:
+        if upgrade_record(stored.get("key")) != key or stored.get("spec") != record["spec"]:
             return None
         probes = ProbeResult.load(out) if record["name"] == "probe" else None
         return Claim(parse_units(stored["claim"], arch, stored["label"]), record, probes)

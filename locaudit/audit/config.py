@@ -89,3 +89,16 @@ class AuditConfig:
         """The held-out items every arm is scored on."""
         n = self.max_test_items
         return split.test[:n] if n else split.test
+
+
+# settings added after audits were first written, with the value those audits ran with: an audit directory (or a
+# stored heuristic) written before a setting existed still matches the same audit run now
+ADDED_SETTINGS = {"packing": "auto"}
+
+
+def upgrade_record(record):
+    """An audit.json record (or a heuristic's stored key) with the settings added since it was written filled in."""
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        for k, v in ADDED_SETTINGS.items():
+            record["config"].setdefault(k, v)
+    return record

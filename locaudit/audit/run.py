@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from locaudit.audit.claims import Claim, heuristic_record, resolve_claim
-from locaudit.audit.config import AuditConfig
+from locaudit.audit.config import AuditConfig, upgrade_record
 from locaudit.audit.steering import STEERING, SteeringSource
 from locaudit.errors import LocauditError
 from locaudit.heads import HeadSet
@@ -261,7 +261,7 @@ def _check_same(prev: Path, record: dict, out: Path) -> None:
     """Refuse an output directory holding another audit (`record` without "claim": compare everything else)."""
     if not prev.is_file():
         return
-    old = read_json(prev)
+    old = upgrade_record(read_json(prev))
     if not isinstance(old, dict) or {k: v for k, v in old.items() if k != "claim" or "claim" in record} != record:
         raise LocauditError(f"{out} holds an audit with different settings; give a new output directory or the same "
                             f"settings")

@@ -8,8 +8,11 @@ score; True*Info for TruthfulQA), base the unedited model:
 - the claim's fraction of full alignment's gain, (S_claim - S_base) / (S_full - S_base), with a paired
   percentile interval;
 - each random set's fraction of full alignment (the paper's observation: random sets often reach most of it).
-A random set whose fit never left the identity ("stuck", after retries) is left out of the null, which makes
-the null harder to beat (the verdict says what counting it would give).
+A random set whose fit never left the identity ("stuck", after retries), or stopped with its best validation
+loss less than the fit's `min_delta` (relative) below its start ("flat": it never left its starting plateau, so
+it is not an optimal edit, whatever the stopping rule called it), is left out of the null, which makes the null
+harder to beat (the verdict says what counting it would give). A claim or full alignment whose fit is stuck or
+flat gets no verdict ("inconclusive", "uninformative").
 
 With steering arms (`AuditConfig.steering`), a second, parallel comparison (`Comparison`, results.json's
 `steering`): the claim's steering heuristic (ITI for heads, mean-difference steering for neurons and layers) at
@@ -117,6 +120,19 @@ def _ratio(num, den):
     return np.where(np.abs(den) > 1e-12, num / np.where(np.abs(den) > 1e-12, den, 1.0), np.nan)
 
 
+UNTRAINED = ("stuck", "flat")  # fits that are not optimal edits: left out of the null, no verdict on them
+
+
+def fit_status(fit: dict, min_delta: float) -> str | None:
+    """A fitted arm's status for the audit: its fit's ("converged", "step_cap", "stuck", ...), or "flat" when the
+    fit stopped with its best validation loss less than `min_delta` (relative) below its start."""
+    status = fit.get("status")
+    best, start = (fit.get("best") or {}).get("val_loss"), (fit.get("val_start") or {}).get("val_loss")
+    if status in (None, "stuck") or best is None or start is None:
+        return status
+    return "flat" if best > start - min_delta * abs(start) else status
+
+
 def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.0) -> AuditResult:
     task, cfg = run.task, run.cfg
     chosen = {a.name: _select(task, trials[a.name]) for a in arms}
@@ -139,11 +155,11 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
             "alpha": r.get("alpha"), "steering": r.get("steering"), "value": stat[a.name],
             "ci": list(_interval(boot[a.name])), "gain": stat[a.name] - base,
             "gain_ci": list(_interval(boot[a.name] - boot["none"])),
-            "status": fit.get("status"), "steps": fit.get("steps"), "fit_seconds": fit.get("seconds"),
+            "status": fit_status(fit, cfg.fit.min_delta), "steps": fit.get("steps"), "fit_seconds": fit.get("seconds"),
             "metrics": {m: scores[a.name].mean(m) for m in scores[a.name].scores},
         })
     randoms = [r for r in rows if r["kind"] == "random"]
-    live = [r for r in randoms if r["status"] != "stuck"]
+    live = [r for r in randoms if r["status"] not in UNTRAINED]
     claim_row = next(r for r in rows if r["kind"] == "claim")
     null = null_test(claim_row["value"], [r["value"] for r in live])
     null_all = null_test(claim_row["value"], [r["value"] for r in randoms])
@@ -209,6 +225,14 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
     if claim["status"] == "stuck":
         return "inconclusive", head + (" The claim's fit never left the identity, even at lower learning rates: "
                                        "no verdict; check the task's data and the learning rate.")
+    if claim["status"] == "flat":
+        return "inconclusive", head + (" The claim's fit stopped within its min_delta of its starting validation loss: "
+                                       "it never left its starting plateau, so it is not the optimal edit there; no "
+                                       "verdict; give the fits more steps or patience (docs/audit.md).")
+    if full is not None and full["status"] in UNTRAINED:
+        return "uninformative", head + (f" Full alignment's fit is {full['status']} (it never left its starting "
+                                        f"plateau), so the ceiling is not at its optimum: no verdict; give the fits "
+                                        f"more steps or patience (docs/audit.md).")
     parts = [head]
     if full is not None:
         parts.append(f"Full alignment reaches {_f(full['value'])} (gain {_f(full['gain'])}, 95% CI "
@@ -226,7 +250,8 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
                  f"this null (rank p = {null.p_rank:.3f})"
                  + (f", and random sets reach a median {np.median(rv):.2f} of full alignment's gain." if rv else "."))
     if n_stuck:
-        parts.append(f"{n_stuck} random set(s) never trained (stuck) and are left out; counting them the claim is at "
+        parts.append(f"{n_stuck} random set(s) never trained (stuck, or flat: stopped on their starting plateau) and "
+                     f"are left out; counting them the claim is at "
                      f"the {ordinal(null_all.percentile)} percentile (rank p = {null_all.p_rank:.3f}).")
     place = _place(claim["value"], null)
     floor = 1 / (null.n_random + 1)
