@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     result_file = RESULTS / f"unit-audits-{_slug(args.task)}.json"
     # a rerun reads the stored trials (and re-summarizes them with this code): keep the first run's wall times
     prev = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    prev_walls = {a["claim"]: a.get("first_run_wall_seconds", a["wall_seconds_this_call"])
+    prev_walls = {a["dir"]: a.get("first_run_wall_seconds", a["wall_seconds_this_call"])
                   for a in prev.get("audits", []) if a.get("dir", "").startswith(str(out))}
     cfg = AuditConfig.from_preset(args.preset, steering=False)
     machine = machine_info()
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
         first = first or d
         res = json.loads((d / "results.json").read_text())
         rows.append({"claim": spec, "dir": str(d), "shared_from_first": shared, "wall_seconds_this_call": wall,
-                     "first_run_wall_seconds": prev_walls.get(spec, wall),
-                     **{k: res[k] for k in ("claim", "heuristic", "primary", "n_test_items", "null", "frac_full",
+                     "first_run_wall_seconds": prev_walls.get(str(d), wall), "claim_units": res["claim"],
+                     **{k: res[k] for k in ("heuristic", "primary", "n_test_items", "null", "frac_full",
                                             "random_frac_full", "strength", "verdict", "wall_seconds", "arms")}})
         print(result.verdict, flush=True)
     record = {"benchmark": "unit_audits", "task": args.task, "preset": args.preset, "model": lm.name,
