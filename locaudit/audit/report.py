@@ -11,7 +11,7 @@ import io
 import math
 from pathlib import Path
 
-from locaudit.audit.verdict import UNTRAINED, AuditResult
+from locaudit.audit.verdict import AuditResult
 from locaudit.figures import audit_null
 from locaudit.storage import atomic_write, atomic_write_json
 
@@ -110,7 +110,7 @@ def write_audit_report(result: AuditResult, out: Path) -> None:
     full = next((r["value"] for r in result.rows if r["kind"] == "full"), None)
 
     def null_fig(kind: str, claim_arm: str, name: str, title: str) -> Path:
-        randoms = [r["value"] for r in result.rows if r["kind"] == kind and r["status"] not in UNTRAINED]
+        randoms = [r["value"] for r in result.rows if r["kind"] == kind and r["status"] != "stuck"]
         return audit_null(randoms, result.row(claim_arm)["value"], base, full, out / "figures" / name,
                           xlabel=result.primary, title=title)
 

@@ -8,11 +8,13 @@ score; True*Info for TruthfulQA), base the unedited model:
 - the claim's fraction of full alignment's gain, (S_claim - S_base) / (S_full - S_base), with a paired
   percentile interval;
 - each random set's fraction of full alignment (the paper's observation: random sets often reach most of it).
-A random set whose fit never left the identity ("stuck", after retries), or stopped with its best validation
-loss less than the fit's `min_delta` (relative) below its start ("flat": it never left its starting plateau, so
-it is not an optimal edit, whatever the stopping rule called it), is left out of the null, which makes the null
-harder to beat (the verdict says what counting it would give). A claim or full alignment whose fit is stuck or
-flat gets no verdict ("inconclusive", "uninformative").
+A random set whose fit never left the identity ("stuck", after retries) is left out of the null, which makes
+the null harder to beat (the verdict says what counting it would give). A fit that stopped with its best
+validation loss less than its `min_delta` (relative) below its start is "flat": it never left its starting
+plateau, whatever the stopping rule called it. A flat random set stays in the null (a location where no edit
+helps is a measurement too: the planted tests' random heads are flat because they cannot move the behaviour),
+and the verdict says how many there were; a flat claim or full alignment gets no verdict ("inconclusive",
+"uninformative"), since its edit may not be the optimal one there.
 
 With steering arms (`AuditConfig.steering`), a second, parallel comparison (`Comparison`, results.json's
 `steering`): the claim's steering heuristic (ITI for heads, mean-difference steering for neurons and layers) at
@@ -120,7 +122,7 @@ def _ratio(num, den):
     return np.where(np.abs(den) > 1e-12, num / np.where(np.abs(den) > 1e-12, den, 1.0), np.nan)
 
 
-UNTRAINED = ("stuck", "flat")  # fits that are not optimal edits: left out of the null, no verdict on them
+UNTRAINED = ("stuck", "flat")  # fits whose edit may not be the optimal one: no verdict on a claim or ceiling like that
 
 
 def fit_status(fit: dict, min_delta: float) -> str | None:
@@ -159,7 +161,7 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
             "metrics": {m: scores[a.name].mean(m) for m in scores[a.name].scores},
         })
     randoms = [r for r in rows if r["kind"] == "random"]
-    live = [r for r in randoms if r["status"] not in UNTRAINED]
+    live = [r for r in randoms if r["status"] != "stuck"]
     claim_row = next(r for r in rows if r["kind"] == "claim")
     null = null_test(claim_row["value"], [r["value"] for r in live])
     null_all = null_test(claim_row["value"], [r["value"] for r in randoms])
@@ -174,7 +176,7 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
     else:
         frac, rand_frac = (float("nan"),) * 3, []
     strength, text = _verdict(task, run, claim_row, full_row, base, null, null_all, frac, rand_frac, n,
-                              n_stuck=len(randoms) - len(live))
+                              n_stuck=len(randoms) - len(live), n_flat=sum(r["status"] == "flat" for r in randoms))
     steering = _steering(task, run, rows, stat, boot, base, full_row)
     config = {"n_random": cfg.n_random, "match_layers": cfg.match_layers, "taus": list(cfg.taus),
               "n_boot": cfg.n_boot, "seed": cfg.seed, "steering": cfg.steering, "packing": cfg.packing,
@@ -216,7 +218,7 @@ def _f(x: float) -> str:
 
 
 def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullTest, null_all: NullTest,
-             frac: tuple, rand_frac: list[float], n: int, n_stuck: int) -> tuple[str, str]:
+             frac: tuple, rand_frac: list[float], n: int, n_stuck: int, n_flat: int = 0) -> tuple[str, str]:
     """(strength, plain-words verdict with n and intervals)."""
     what = "True*Info" if task.primary == "truth_info" else task.primary
     head = (f"Claim {','.join(run.claim.names)} ({len(run.claim)} {_unit_word(run.claim)}) on "
@@ -250,9 +252,11 @@ def _verdict(task, run, claim: dict, full: dict | None, base: float, null: NullT
                  f"this null (rank p = {null.p_rank:.3f})"
                  + (f", and random sets reach a median {np.median(rv):.2f} of full alignment's gain." if rv else "."))
     if n_stuck:
-        parts.append(f"{n_stuck} random set(s) never trained (stuck, or flat: stopped on their starting plateau) and "
-                     f"are left out; counting them the claim is at "
+        parts.append(f"{n_stuck} random set(s) never trained (stuck) and are left out; counting them the claim is at "
                      f"the {ordinal(null_all.percentile)} percentile (rank p = {null_all.p_rank:.3f}).")
+    if n_flat:
+        parts.append(f"{n_flat} random set(s) stopped on their starting plateau (flat) and count in the null as "
+                     f"measured.")
     place = _place(claim["value"], null)
     floor = 1 / (null.n_random + 1)
     ending = {
