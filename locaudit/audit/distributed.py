@@ -19,7 +19,6 @@ import torch
 
 from locaudit.audit.claims import Claim
 from locaudit.audit.config import AuditConfig
-from locaudit.audit.run import Arm, AuditRun
 from locaudit.models import LoadedModel, load_model
 from locaudit.study.runner import ArmBackend, portable_model
 from locaudit.tasks import Task, TaskSplit
@@ -30,7 +29,7 @@ from locaudit.units import UnitSet
 class AuditJob:
     """One arm's trials: every tau of its grid (fitted arms), or its single trial (none, steering)."""
 
-    arm: Arm
+    arm: object  # audit.run.Arm
     taus: tuple
 
     @property
@@ -39,9 +38,10 @@ class AuditJob:
 
 
 class JobRunner:
-    """Runs jobs over one `AuditRun`: the arm's grid fitted together, then each trial (stored ones are read)."""
+    """Runs jobs over one `audit.run.AuditRun`: the arm's grid fitted together, then each trial (stored ones are
+    read)."""
 
-    def __init__(self, run: AuditRun):
+    def __init__(self, run):
         self.audit_run = run
 
     def run(self, job: AuditJob) -> tuple[str, list[dict]]:
@@ -53,7 +53,10 @@ class JobRunner:
 class AuditSetup:
     """What a worker needs to rebuild the audit's run anywhere (the backends' `WorkerSetup` protocol: `out`,
     `token`, `device_spec`, `runner`, `local_runner`). `lm` is None when the model is reloaded by `model`
-    (its spec: the embedded name, a HF id or a path) in `dtype`, else the in-memory model itself."""
+    (its spec: the embedded name, a HF id or a path) in `dtype`, else the in-memory model itself; `run_cls` is
+    `audit.run.AuditRun` (handed over, so that this module does not import the one that calls it)."""
+
+    run_cls: type
 
     model: str
     dtype: str
@@ -70,14 +73,14 @@ class AuditSetup:
     def runner(self, device: str) -> JobRunner:
         torch.set_num_threads(1)
         lm = self.lm or load_model(self.model, device=device, dtype=self.dtype)
-        return JobRunner(AuditRun(lm, self.task, self.claim, self.cfg, Path(self.out), self.split, progress=False,
+        return JobRunner(self.run_cls(lm, self.task, self.claim, self.cfg, Path(self.out), self.split, progress=False,
                                   resolved=self.resolved))
 
-    def local_runner(self, run: AuditRun, progress: bool) -> JobRunner:
+    def local_runner(self, run, progress: bool) -> JobRunner:
         return JobRunner(run)
 
 
-def jobs(arms: list[Arm], cfg: AuditConfig) -> list[AuditJob]:
+def jobs(arms: list, cfg: AuditConfig) -> list[AuditJob]:
     """The arms as jobs, costliest first (full alignment, the claim and random fits, steering, the baseline), so
     that parallel workers finish together."""
     cost = {"full": 0, "claim": 1, "random": 1, "claim-steer": 2, "random-steer": 2, "none": 3}
@@ -85,11 +88,11 @@ def jobs(arms: list[Arm], cfg: AuditConfig) -> list[AuditJob]:
     return sorted(out, key=lambda j: cost[j.arm.kind])
 
 
-def run_on_backend(run: AuditRun, arms: list[Arm], backend: ArmBackend, progress: bool) -> dict[str, list[dict]]:
+def run_on_backend(run, arms: list, backend: ArmBackend, progress: bool) -> dict[str, list[dict]]:
     """Every arm's trials, run by `backend`'s workers (stored trials are read, not recomputed); the backend's
     placement (which backend, how many workers, ...) is kept in `run.placement`."""
     lm = run.lm
-    setup = AuditSetup(model=str(lm.name), dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+    setup = AuditSetup(run_cls=type(run), model=str(lm.name), dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                        device_spec=lm.device.type, lm=portable_model(lm), task=run.task, claim=run.claim,
                        cfg=run.cfg, out=Path(run.out).resolve(), split=run.split, resolved=run.resolved,
                        token=uuid.uuid4().hex)
