@@ -27,7 +27,7 @@ from locaudit.units import UnitSet, as_units
 from locaudit.models import LoadedModel
 from locaudit.packing import PackingChoice, fit_grid
 from locaudit.probes import ProbeResult
-from locaudit.training import FitConfig, FitResult, fit_to_optimum
+from locaudit.training import FitConfig, FitResult
 
 SCOPES = ("none", "heads", "all")  # where a method edits: nothing, the arm's head set S, every W^l
 
@@ -46,9 +46,8 @@ def fit_optimal_edit(lm: LoadedModel, heads: HeadSet | None, train_pairs: Sequen
                      progress: bool = True) -> FitResult:
     """The optimal edit at `heads` (None: full alignment), trained to its optimum from fresh edits
     (`training.fit_to_optimum`); a set of every head takes the all-heads learning rate, like full alignment."""
-    n_heads = None if heads is None else as_units(heads).lr_size(lm.arch)
-    return fit_to_optimum(lm, lambda: make_edit(lm, heads, seed=seed, scale=cfg.lora_scale), train_pairs, val_pairs,
-                          cfg, n_heads=n_heads, progress=progress)
+    (result,), _ = fit_optimal_edits(lm, heads, train_pairs, val_pairs, [cfg], seed=seed, progress=progress)
+    return result  # one fit: `fit_grid` fits it with `training.fit_to_optimum`, nothing to decide
 
 
 def fit_optimal_edits(lm: LoadedModel, heads: HeadSet | None, train_pairs: Sequence[PreferencePair],

@@ -45,7 +45,7 @@ from locaudit.models import LoadedModel
 from locaudit.scoring import _token_logprobs, collate, forward_rows, new_cache, prefix_kv
 from locaudit.shared_prefix import own_mask, shared_prefix
 from locaudit.training import (FitConfig, FitResult, Plateau, bucketed_batches, default_lr, identity_eval, margin,
-                               preference_accuracy, preference_loss, prepare_pairs)
+                               preference_accuracy, preference_loss, prepare_pairs, schedule)
 
 # FitConfig fields every edit of a pack must share: they fix the pairs and the order of the batches.
 SHARED = ("fmt", "seed", "batch_size", "shuffle", "max_train_pairs", "max_val_pairs")
@@ -291,26 +291,6 @@ class _Run:
     live: bool = True
 
 
-def _schedule(cfg: FitConfig, steps_per_epoch: int) -> tuple[int, Callable[[int], float], set]:
-    """`training.fit`'s step cap, learning-rate factor (linear warm-up, cosine decay) and validation steps."""
-    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_ratio * total)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    if cfg.eval_every is not None:
-        points = set(range(cfg.eval_every, total + 1, cfg.eval_every)) | {total}
-    else:
-        points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
-                  for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
-        if cfg.max_steps is not None:
-            points = {p for p in points if p <= total} | {total}
-    return total, lr_at, points
-
-
 def _check_pack(edits: Sequence[Intervention], cfgs: Sequence[FitConfig]) -> None:
     if len({id(e) for e in edits}) != len(edits):
         raise LocauditError("the same edit object appears twice in a pack; give each fit its own edit")
@@ -360,7 +340,7 @@ def fit_packed(lm: LoadedModel, edits: Sequence[Intervention], train_pairs: Sequ
         edit.to(lm.device)
         opt = torch.optim.AdamW([p for p in edit.parameters() if p.requires_grad], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay)
-        total, lr_at, points = _schedule(cfg, steps_per_epoch)
+        total, lr_at, points = schedule(cfg, steps_per_epoch)
         runs.append(_Run(edit, cfg, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at), total, points,
                          status="step_cap" if cfg.early_stopping else "fixed_schedule"))
 

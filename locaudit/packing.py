@@ -146,8 +146,9 @@ def fit_grid(lm: LoadedModel, new_edit: Callable[[], Intervention], train_pairs:
     check_mode(mode)
     cfgs = list(cfgs)
     choice = None
-    if len(cfgs) > 1 and new_edit().kind in PACKABLE:
-        choice = _decide(lm, new_edit, train_pairs, val_pairs, cfgs, n_heads, mode, store, label, progress)
+    edit = new_edit() if len(cfgs) > 1 else None  # its kind and lowest layer key the decision
+    if edit is not None and edit.kind in PACKABLE:
+        choice = _decide(lm, edit, new_edit, train_pairs, val_pairs, cfgs, n_heads, mode, store, label, progress)
     if choice is not None and choice.packed:
         return fit_packed_to_optimum(lm, [new_edit] * len(cfgs), train_pairs, val_pairs, cfgs, n_heads,
                                      progress=progress), choice
@@ -155,7 +156,7 @@ def fit_grid(lm: LoadedModel, new_edit: Callable[[], Intervention], train_pairs:
             for c in cfgs], choice
 
 
-def _decide(lm, new_edit, train_pairs, val_pairs, cfgs, n_heads, mode, store, label, progress) -> PackingChoice:
+def _decide(lm, edit, new_edit, train_pairs, val_pairs, cfgs, n_heads, mode, store, label, progress) -> PackingChoice:
     """The decision for this grid: pinned by `mode` (one per device), else stored for the device, the edits' kind
     and their lowest layer, else measured now and stored."""
     device = device_name(lm)
@@ -164,7 +165,6 @@ def _decide(lm, new_edit, train_pairs, val_pairs, cfgs, n_heads, mode, store, la
         if store is not None:
             atomic_write_json(_choice_path(store, device), choice.as_dict())
         return choice
-    edit = new_edit()
     path = _choice_path(store, f"{device} {edit.kind} L{lowest_layer(edit)}") if store is not None else None
     if path is not None and path.is_file():
         try:

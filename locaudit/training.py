@@ -16,7 +16,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -299,6 +299,27 @@ def prepare_pairs(lm: LoadedModel, train_pairs: Sequence[PreferencePair], val_pa
             enc_val, reference_logprobs(lm, enc_val, progress=progress))
 
 
+def schedule(cfg: FitConfig, steps_per_epoch: int) -> tuple[int, Callable[[int], float], set]:
+    """A fit's step cap, learning-rate factor (linear warm-up, cosine decay to 0) and validation steps; shared by
+    `fit` and the packed trainer (`packed.fit_packed`), so a packed fit follows the same schedule."""
+    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    if cfg.eval_every is not None:
+        points = set(range(cfg.eval_every, total + 1, cfg.eval_every)) | {total}
+    else:
+        points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
+                  for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
+        if cfg.max_steps is not None:  # a cap without eval_every: the epoch points below it, and the cap itself
+            points = {p for p in points if p <= total} | {total}
+    return total, lr_at, points
+
+
 def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePair],
         val_pairs: Sequence[PreferencePair], cfg: FitConfig, n_heads: int | None = None,
         progress: bool = True) -> FitResult:
@@ -317,14 +338,7 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     rng = np.random.default_rng(cfg.seed)
     lengths = [max(len(c), len(r)) for c, r in zip(enc_train.chosen, enc_train.rejected)]
     steps_per_epoch = math.ceil(len(enc_train) / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_ratio * total)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
+    total, lr_at, eval_points = schedule(cfg, steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     history: list[dict] = []
     # An edit that starts as the identity (LoRA init: b = 0) has h = 0 on every pair, so its validation row is
@@ -332,13 +346,6 @@ def fit(lm: LoadedModel, edit: Intervention, train_pairs: Sequence[PreferencePai
     start = (identity_eval(cfg) if edit.is_identity() else evaluate_pairs(lm, edit, enc_val, ref_val, cfg))
     history.append({"step": 0, "epoch": 0.0, "val_loss": start["loss"], "val_pref_acc": start["pref_acc"]})
     best_row, best_state = history[-1], copy.deepcopy(edit.state_dict())
-    if cfg.eval_every is not None:
-        eval_points = set(range(cfg.eval_every, total + 1, cfg.eval_every)) | {total}
-    else:
-        eval_points = {round(steps_per_epoch * (e + (i + 1) / cfg.evals_per_epoch))
-                       for e in range(cfg.epochs) for i in range(cfg.evals_per_epoch)}
-        if cfg.max_steps is not None:  # a cap without eval_every: the epoch points below it, and the cap itself
-            eval_points = {p for p in eval_points if p <= total} | {total}
     # the best checkpoint is kept whatever the size of its improvement; stopping needs a plateau (`Plateau`)
     plateau = Plateau(cfg.min_delta, cfg.patience or 0, reference=best_row["val_loss"])
     step = 0

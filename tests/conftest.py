@@ -31,6 +31,23 @@ def byte_tokenizer():
     return fast
 
 
+def random_llama(layers: int, width: int, heads: int, neurons: int, seed: int, vocab: int):
+    """A random Llama (eager attention) for the byte tokenizer's `vocab`, every matrix N(0, 0.2^2) like the tiny
+    models: the base the planted-localization tests edit."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=width, intermediate_size=neurons, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, max_position_embeddings=512, vocab_size=vocab, bos_token_id=vocab - 3,
+                      eos_token_id=vocab - 2, pad_token_id=vocab - 1)
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return m
+
+
 def tiny_config(family: str, vocab_size: int):
     from transformers import GPT2Config, GPTNeoXConfig, Gemma2Config, LlamaConfig, Qwen2Config
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, byte_tokenizer, make_tiny
+from conftest import FAMILIES, byte_tokenizer, make_tiny, random_llama
 from locaudit.audit import AuditConfig, audit, plan
 from locaudit.errors import LocauditError
 from locaudit.units import parse_units
@@ -127,18 +127,8 @@ def test_audit_rejects_bad_claims_in_one_line(tmp_path):
 def planted(star: int | None, seed: int = 0):
     """The planted models of the module docstring: only head `star` can move the preference (None: every head)."""
     tok = byte_tokenizer()
-    V = len(tok)
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(hidden_size=48, intermediate_size=32, num_hidden_layers=1, num_attention_heads=24,
-                      num_key_value_heads=24, max_position_embeddings=512, vocab_size=V, bos_token_id=V - 3,
-                      eos_token_id=V - 2, pad_token_id=V - 1)
-    torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    m = random_llama(1, 48, 24, 32, seed, len(tok))
     with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
         m.model.layers[0].mlp.down_proj.weight.zero_()
         a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
         d = m.model.norm.weight * (m.lm_head.weight[a] - m.lm_head.weight[b])

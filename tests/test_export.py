@@ -44,16 +44,21 @@ def logits(model, edit=None, lm=None) -> torch.Tensor:
             return model(ids()).logits
 
 
+def _randomise_ab(edit, seed: int, b_sd: float, a_sd: float = 0.4):
+    """Give an a/b_s edit (localized or neuron) random a ~ N(0, a_sd^2) and b_s ~ N(0, b_sd^2), in that order."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in edit.a.values():
+            p.copy_(torch.randn(p.shape, generator=g) * a_sd)
+        for p in edit.b_s.values():
+            p.copy_(torch.randn(p.shape, generator=g) * b_sd)
+    return edit
+
+
 def trained_localized(lm, scale: float = 2.5) -> LocalizedRank1:
     """A localized edit that looks trained: random a and b (b on S's slices only), a non-unit scale."""
     edit = LocalizedRank1(parse_heads(HEADS, lm.arch.n_layers, lm.arch.n_heads), lm.arch, seed=1, scale=scale)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in edit.a.values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-        for p in edit.b_s.values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return edit
+    return _randomise_ab(edit, seed=7, b_sd=0.5)
 
 
 def trained_full(lm, layers=None, scale: float = 0.7) -> FullRank1:
@@ -136,13 +141,7 @@ def test_full_rank1_adapter_round_trips_exactly(tiny, tmp_path):
 def trained_neurons(lm, scale: float = 1.8) -> NeuronRank1:
     """A neuron edit that looks trained: random a and b (b on the chosen neurons only), a non-unit scale."""
     edit = NeuronRank1(parse_neurons(NEURONS, lm.arch.n_layers, lm.arch.n_neurons), lm.arch, seed=1, scale=scale)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in edit.a.values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-        for p in edit.b_s.values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.8)
-    return edit
+    return _randomise_ab(edit, seed=11, b_sd=0.8)
 
 
 def test_neuron_adapter_matches_hooked_edit_and_is_refused_on_import(tiny, tmp_path):

@@ -30,9 +30,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import byte_tokenizer
+from conftest import byte_tokenizer, random_llama
 from locaudit.audit import AuditConfig, audit
 from locaudit.models import wrap_model
 from locaudit.training import FitConfig
@@ -47,17 +46,8 @@ def token(text: str) -> int:
 
 
 def llama(layers: int, width: int, heads: int, neurons: int, seed: int):
-    """A random Llama on the byte tokenizer, every matrix N(0, 0.2^2) like conftest's tiny models."""
-    cfg = LlamaConfig(hidden_size=width, intermediate_size=neurons, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, max_position_embeddings=512, vocab_size=V, bos_token_id=V - 3,
-                      eos_token_id=V - 2, pad_token_id=V - 1)
-    torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    return m
+    """A random Llama on the byte tokenizer (conftest's `random_llama`)."""
+    return random_llama(layers, width, heads, neurons, seed, V)
 
 
 def preference_direction(m) -> torch.Tensor:
