@@ -415,7 +415,7 @@ def fit_packed_to_optimum(lm: LoadedModel, new_edits: Sequence[Callable[[], Inte
                           cfgs: FitConfig | Sequence[FitConfig], n_heads: int | None | Sequence[int | None] = None,
                           progress: bool = True) -> list[FitResult]:
     """`training.fit_to_optimum` for K edits: all fitted in one pack from fresh edits (`new_edits[k]()`); the fits
-    that never left the identity are refitted, packed together, from fresh edits at lr * retry_factor, up to their
+    that never left the identity (with `retry_flat`, or stayed flat) are refitted, packed together, from fresh edits at lr * retry_factor, up to their
     `retries` times. Each result lists its earlier attempts, and its seconds include theirs."""
     K = len(new_edits)
     cfgs = _per_edit(cfgs, K, "cfgs")
@@ -430,7 +430,7 @@ def fit_packed_to_optimum(lm: LoadedModel, new_edits: Sequence[Callable[[], Inte
                           [replace(cfgs[i], lr=lrs[i]) for i in pending], [n_heads[i] for i in pending], progress)
         still = []
         for i, result in zip(pending, fits):
-            if result.moved or round_ == cfgs[i].retries:
+            if not result.retry or round_ == cfgs[i].retries:
                 result.attempts = attempts[i]
                 result.seconds += sum(a["seconds"] for a in attempts[i])
                 results[i] = result

@@ -285,7 +285,8 @@ def test_fits_that_never_left_their_plateau_are_not_optimal_edits(tmp_path):
 
 
 def test_an_audit_written_before_a_setting_existed_still_resumes(tmp_path):
-    """audit.json (and a stored heuristic's key) from before `packing` existed match the same audit now."""
+    """audit.json (and a stored heuristic's key) from before `packing` and `fit.retry_flat` existed match the same
+    audit now."""
     lm = make_tiny("llama")
     data = write_pairs(tmp_path / "p.jsonl")
     cfg = AuditConfig(n_random=1, fit=FAST, steering=False)
@@ -293,6 +294,7 @@ def test_an_audit_written_before_a_setting_existed_still_resumes(tmp_path):
     path = tmp_path / "a" / "audit.json"
     rec = json.loads(path.read_text())
     del rec["config"]["packing"]
+    del rec["config"]["fit"]["retry_flat"]
     path.write_text(json.dumps(rec))
     audit("L0H1", data, tmp_path / "a", cfg, lm=lm, progress=False)  # no "different settings"
     rec["config"]["n_random"] = 2

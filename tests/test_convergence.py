@@ -3,6 +3,8 @@ best checkpoint), the fit's status, and the retry of fits that never leave the i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from locaudit.errors import LocauditError
@@ -63,6 +65,33 @@ def test_stuck_fit_is_retried_at_a_lower_learning_rate(tiny_llama):
                                      patience=2, retries=2, retry_factor=0.5), progress=False)
     assert never.status == "stuck" and [a["lr"] for a in never.attempts] == [1e4, 5e3]
     assert never.config.lr == 2.5e3
+
+
+def test_flat_fits_are_retried_only_with_retry_flat(tiny_llama):
+    """A fit whose best validation loss is less than min_delta below its start is flat; `retry_flat` retries it
+    at a lower learning rate like a stuck one (packed and one by one alike), without it the fit is kept."""
+    from locaudit.packed import fit_packed_to_optimum
+
+    lm = tiny_llama
+    train, val = toy_pairs(16), toy_pairs(8, 100)
+    cfg = FitConfig(tau=0.5, batch_size=4, lr=1e-5, fmt="plain", max_steps=4, eval_every=2, patience=2,
+                    retries=1, retry_factor=0.5, min_delta=0.01)
+    r = fit(lm, _edit(lm), train, val, cfg, progress=False)
+    start, best = r.history[0]["val_loss"], r.best["val_loss"]
+    assert r.moved and best < start and r.flat and best > start * 0.99 and not r.retry  # moved, but by < 1%
+    kept = fit_to_optimum(lm, lambda: _edit(lm), train, val, cfg, progress=False)
+    assert kept.attempts == [] and kept.config.lr == 1e-5
+    flat = replace(cfg, retry_flat=True)
+    assert replace(r, config=flat).retry
+    again = fit_to_optimum(lm, lambda: _edit(lm), train, val, flat, progress=False)
+    assert [a["lr"] for a in again.attempts] == [1e-5] and again.config.lr == 5e-6
+    assert again.attempts[0]["val_loss_min"] == pytest.approx(best)
+    assert again.seconds >= again.attempts[0]["seconds"]
+    packed = fit_packed_to_optimum(lm, [lambda: _edit(lm)], train, val, [flat], progress=False)[0]
+    assert [a["lr"] for a in packed.attempts] == [1e-5] and packed.config.lr == 5e-6
+    # a fit that left its plateau is not flat and is never retried
+    good = fit(lm, _edit(lm), train, val, replace(flat, lr=1e-1, max_steps=8), progress=False)
+    assert good.best["val_loss"] < 0.99 * good.history[0]["val_loss"] and not good.flat and not good.retry
 
 
 def test_bad_convergence_settings():

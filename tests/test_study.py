@@ -4,6 +4,7 @@ stored and reused on rerun, results are reproducible, statistics and the report 
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def test_rerun_reuses_trials(study_dir, monkeypatch):
     from locaudit.evaluation import metrics
 
     before = {p: p.read_bytes() for p in (study_dir / "a" / "trials").glob("*/*.json")}
+    # a run written before `study.packing` and `fit.retry_flat` existed resumes as the same run
+    path = study_dir / "a" / "config.json"
+    rec = json.loads(path.read_text())
+    del rec["preset"]["study"]["packing"], rec["preset"]["fit"]["retry_flat"]
+    path.write_text(json.dumps(rec))
     monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("refit a finished trial"))
     monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished trial"))
     run(study_dir, "a")

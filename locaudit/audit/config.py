@@ -94,6 +94,7 @@ class AuditConfig:
 # settings added after audits were first written, with the value those audits ran with: an audit directory (or a
 # stored heuristic) written before a setting existed still matches the same audit run now
 ADDED_SETTINGS = {"packing": "auto"}
+ADDED_FIT_SETTINGS = {"retry_flat": False}
 
 
 def upgrade_record(record):
@@ -101,4 +102,7 @@ def upgrade_record(record):
     if isinstance(record, dict) and isinstance(record.get("config"), dict):
         for k, v in ADDED_SETTINGS.items():
             record["config"].setdefault(k, v)
+        if isinstance(record["config"].get("fit"), dict):
+            for k, v in ADDED_FIT_SETTINGS.items():
+                record["config"]["fit"].setdefault(k, v)
     return record

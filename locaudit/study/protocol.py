@@ -39,6 +39,20 @@ def _software() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+# settings added to the preset since runs were written, with the value that reproduces what those runs did: a run
+# written before a setting existed resumes under the same settings (section, key) -> value
+ADDED_SETTINGS = {("study", "packing"): "auto", ("fit", "retry_flat"): False}
+
+
+def upgrade_preset(record):
+    """A run's recorded preset (config.json) with the settings added since it was written filled in."""
+    if isinstance(record, dict):
+        for (section, key), value in ADDED_SETTINGS.items():
+            if isinstance(record.get(section), dict):
+                record[section].setdefault(key, value)
+    return record
+
+
 def run_study(preset: Preset, out: Path, progress: bool = True, lm: LoadedModel | None = None, judges=None,
               workers: int | None = None, backend: ArmBackend | None = None) -> dict:
     """The paper's protocol as one resumable job (see `study.plan_arms`): probe, ITI and optimal edits at
@@ -57,7 +71,7 @@ def run_study(preset: Preset, out: Path, progress: bool = True, lm: LoadedModel 
     prev = out / "config.json"
     if prev.is_file():
         old = read_json(prev)
-        if old.get("preset") != json.loads(json.dumps(preset.as_dict())):
+        if upgrade_preset(old.get("preset")) != json.loads(json.dumps(preset.as_dict())):
             raise LocauditError(f"{out} holds a run with different settings; use a new --out or the same options")
     atomic_write_json(prev, config_record)
 
