@@ -15,6 +15,7 @@ from locaudit.heads import parse_head
 from locaudit.methods import METHODS, method_of, value_of
 from locaudit.report_html import Figure
 from locaudit.storage import atomic_write_json, atomic_write_text, read_json
+from locaudit.training import FitConfig, recorded_status
 
 COLUMNS = ["arm", "heads", "method", "alpha", "tau", "split", "truth", "info", "truth_info", "mc1", "mc2", "ce", "kl",
            "n_questions", "seconds", "selected"]
@@ -48,9 +49,10 @@ def _per_q(row: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(pq["truth_p"], float), np.asarray(pq["info_p"], float)
 
 
-def fit_status(row: dict) -> str | None:
-    """How the arm's fit ended (training.STATUSES), or None for arms without a fit (baseline, ITI)."""
-    return (row.get("fit") or {}).get("status")
+def fit_status(row: dict, min_delta: float = FitConfig.min_delta) -> str | None:
+    """How the arm's fit ended (training.STATUSES, or "flat": `training.recorded_status`), or None for arms
+    without a fit (baseline, ITI)."""
+    return recorded_status(row.get("fit"), min_delta)
 
 
 # metrics compared between S* and the random null besides True*Info: True*Info as ITI computes it (product of
@@ -61,33 +63,41 @@ SIDE_METRICS = ("truth_info_pct", "mc1", "mc2", "kl")
 LOCATED = tuple(m for m in METHODS.values() if m.scope == "heads")
 
 
-def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc: np.ndarray | None = None) -> dict:
+def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc: np.ndarray | None = None,
+                  min_delta: float = FitConfig.min_delta) -> dict:
     """Null tests (ITI, IPO) on True*Info and the side metrics, intervals, fraction of full alignment, single
     heads against full alignment and against their probe accuracy, fit statuses, verdicts.
 
     A fit that never left the identity ("stuck", after its retries) is not an optimal edit at its location: it
-    is left out of the random null and listed, never counted silently."""
+    is left out of the random null and listed, never counted silently. A "flat" fit (best validation loss less
+    than `min_delta` below its start) stays in the null, as in the audit (a location where no edit helps is a
+    measurement), and is listed; a flat fit at S* or full alignment gets a warning in the verdict."""
+
+    def status(row: dict) -> str | None:
+        return fit_status(row, min_delta)
+
     by_group = lambda method, group: [r for r in tests.values() if r["method"] == method and r["group"] == group]  # noqa: E731
     out: dict = {"arms": {}}
     for name, r in tests.items():
         t, i = _per_q(r)
         lo, hi = stats.truth_info_ci(t, i, n_boot=n_boot, seed=seed)
         out["arms"][name] = {"truth_info": r["truth_info"], "ci": [lo, hi], "n_questions": r["n_questions"],
-                             "group": r["group"], "method": r["method"], "fit_status": fit_status(r)}
-    fitted = {name: fit_status(r) for name, r in tests.items() if fit_status(r) is not None}
+                             "group": r["group"], "method": r["method"], "fit_status": status(r)}
+    fitted = {name: status(r) for name, r in tests.items() if status(r) is not None}
     out["fits"] = {"n": len(fitted), "by_status": {k: sum(v == k for v in fitted.values()) for k in sorted(set(fitted.values()))},
                    "stuck": sorted(n for n, v in fitted.items() if v == "stuck"),
+                   "flat": sorted(n for n, v in fitted.items() if v == "flat"),
                    "not_converged": sorted(n for n, v in fitted.items() if v in ("step_cap", "fixed_schedule"))}
     full = tests.get("full")
     for m in LOCATED:
         method, label = m.name, m.label
         top = by_group(method, "top")
-        rand = [r for r in by_group(method, "random") if fit_status(r) != "stuck"]
+        rand = [r for r in by_group(method, "random") if status(r) != "stuck"]
         if not top:
             continue
         test = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in rand])
         verdict = stats.verdict(label, test)
-        stuck = [r for r in by_group(method, "random") if fit_status(r) == "stuck"]
+        stuck = [r for r in by_group(method, "random") if status(r) == "stuck"]
         with_stuck = None
         if stuck:  # leaving fits out on their outcome is a choice: show what counting them as they are gives
             with_stuck = stats.null_test(top[0]["truth_info"], [r["truth_info"] for r in by_group(method, "random")])
@@ -96,9 +106,12 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
                         f"(rank p = {with_stuck.p_rank:.3f}).")
         # a fitted edit at S* or at random sets is compared with the fitted edit at every W^l (full alignment)
         for who, row in (("S*", top[0]), ("full alignment", full if m.needs_fit else None)):
-            if row is not None and fit_status(row) == "stuck":
+            if row is not None and status(row) == "stuck":
                 verdict += f" Warning: the fit at {who} never left the identity, so its score is the unedited model's."
-        unconverged = [r["arm"] for r in top + rand if fit_status(r) in ("step_cap", "fixed_schedule")]
+            elif row is not None and status(row) == "flat":
+                verdict += (f" Warning: the fit at {who} stayed flat (its best validation loss is less than "
+                            f"{min_delta:.0%} below its start), so it may not be the optimal edit there.")
+        unconverged = [r["arm"] for r in top + rand if status(r) in ("step_cap", "fixed_schedule")]
         if unconverged:
             verdict += (f" Caution: {len(unconverged)} of the {len(top) + len(rand)} fits compared here were not trained to "
                         f"convergence (fixed schedule or step cap), so they measure how fast a location learns, not its "
@@ -128,21 +141,21 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
                 ratios[r["arm"]] = {"ratio": p, "ci": [lo, hi]}
             res["fraction_of_full"] = ratios
         out[method] = res
-    singles = [r for r in by_group("ipo", "single-random") if fit_status(r) != "stuck"]
+    singles = [r for r in by_group("ipo", "single-random") if status(r) != "stuck"]
     if full is not None:
         lo_full = out["arms"]["full"]["ci"][0]
         out["single"] = {
             "n": len(singles), "full_ci_low": lo_full,
             "n_reaching_full": int(sum(r["truth_info"] >= lo_full for r in singles)),
             "scores": {r["arm"]: r["truth_info"] for r in singles},
-            "excluded_stuck": [r["arm"] for r in by_group("ipo", "single-random") if fit_status(r) == "stuck"],
+            "excluded_stuck": [r["arm"] for r in by_group("ipo", "single-random") if status(r) == "stuck"],
         }
         best = by_group("ipo", "single-best")
         if best:
             out["single"]["best_probe_head"] = {"arm": best[0]["arm"], "truth_info": best[0]["truth_info"]}
         if probe_acc is not None:
             pts = []
-            for r in singles + [b for b in best if fit_status(b) != "stuck"]:
+            for r in singles + [b for b in best if status(b) != "stuck"]:
                 head = parse_head(r["heads"])
                 l, h = head.layer, head.head
                 pts.append({"arm": r["arm"], "probe_acc": float(probe_acc[l, h]), "truth_info": r["truth_info"],
@@ -284,7 +297,8 @@ def write_report(run_dir: Path) -> dict:
 
     probe_npz = run_dir / "probes" / "probes.npz"
     probe_acc = np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None
-    st = compute_stats(tests, n_boot, probe_acc=probe_acc)
+    st = compute_stats(tests, n_boot, probe_acc=probe_acc,
+                       min_delta=config["preset"].get("fit", {}).get("min_delta", FitConfig.min_delta))
     judge = next((r.get("judge") for r in trials if r.get("judge")), None)
     results = {"schema_version": SCHEMA_VERSION, "config": config, "run": run, "stats": st, "judge": judge,
                "replication": replication.replication_rows(st), "paired_differences": paired_differences(tests, st),

@@ -213,11 +213,13 @@ def _evidence(m, st: dict, tests: dict) -> str:
 
 def _fits_note(st: dict) -> str:
     fits = st.get("fits") or {}
-    if not fits.get("n") or not (fits["stuck"] or fits["not_converged"]):
+    if not fits.get("n") or not (fits["stuck"] or fits["not_converged"] or fits.get("flat")):
         return ""
     by = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in fits["by_status"].items())
     return (f"<p class='v caution'><b>Caution:</b> of {fits['n']} optimal-edit fits, {html.escape(by)}. A stuck fit "
-            f"never left the unedited model; a fit stopped at the step cap may not be optimal. See "
+            f"never left the unedited model; a flat fit's best validation loss stayed within the preset's "
+            f"min_delta of its start; a fit "
+            f"stopped at the step cap may not be optimal. See "
             f"<a href='#fits'>every fit's training curve</a>.</p>")
 
 
@@ -266,6 +268,9 @@ def _details(st: dict) -> list[str]:
         if fits["not_converged"]:
             msg += (" Not converged (a fixed schedule, or stopped at the step cap while validation loss still improved), "
                     "so not shown to be optimal: " + ", ".join(fits["not_converged"]) + ".")
+        if fits.get("flat"):
+            msg += (" Flat (best validation loss within min_delta of the start; kept in the random null, as a location "
+                    "where no edit helped): " + ", ".join(fits["flat"]) + ".")
         if fits["stuck"]:
             msg += (" Never left the identity even at lower learning rates, so left out of the random null: "
                     + ", ".join(fits["stuck"]) + ".")

@@ -427,6 +427,17 @@ def fit_to_optimum(lm: LoadedModel, new_edit, train_pairs: Sequence[PreferencePa
     raise AssertionError("unreachable")
 
 
+def recorded_status(fit: dict | None, min_delta: float) -> str | None:
+    """A recorded fit's status (`fit_summary`'s "status"), or "flat" when its kept checkpoint's validation loss is
+    less than `min_delta` (relative) below its start (`FitResult.flat`): the fit never left its starting plateau,
+    whatever its stopping rule called it. None for an arm without a fit."""
+    status = (fit or {}).get("status")
+    best, start = ((fit or {}).get("best") or {}).get("val_loss"), ((fit or {}).get("val_start") or {}).get("val_loss")
+    if status in (None, "stuck") or best is None or start is None:
+        return status
+    return "flat" if best > start - min_delta * abs(start) else status
+
+
 def fit_summary(result: FitResult) -> dict:
     """JSON-ready record of a fit, for edit.json."""
     evals = [h for h in result.history if "val_loss" in h]

@@ -213,7 +213,7 @@ def test_judging_a_partial_deferred_run(study_dir, monkeypatch):
 
 
 def test_fit_statuses_and_stuck_fits_left_out_of_the_null(study_dir):
-    import json
+    from locaudit.report import compute_stats, load_trials, selected_tests
 
     out = study_dir / "a"
     res = json.loads((out / "results.json").read_text())
@@ -231,6 +231,24 @@ def test_fit_statuses_and_stuck_fits_left_out_of_the_null(study_dir):
     random_ipo = [a for a in fits if a.startswith("ipo-random")]
     assert st["ipo"]["excluded_stuck"] == [a for a in sorted(random_ipo) if fits[a] == "stuck"]
     assert st["ipo"]["test"]["n_random"] == sum(fits[a] != "stuck" for a in random_ipo)
+    # "flat" (best validation loss < min_delta below the start) is read from the recorded curve, as in the audit
+    flat = sorted(a for a, r in st["arms"].items() if r["fit_status"] == "flat")
+    assert st["fits"]["flat"] == flat
+    for a, status in fits.items():
+        r = json.loads(next((out / "trials" / a).glob("*.test.json")).read_text())["fit"]
+        is_flat = status != "stuck" and r["best"]["val_loss"] > 0.99 * r["val_start"]["val_loss"]
+        assert (a in flat) == is_flat
+    # a flat S* and a flat random set: the random set stays in the null, S* gets a warning
+    tests = selected_tests(load_trials(out), res["run"]["selections"], out)
+    top, rand = st["ipo"]["top_arm"], sorted(a for a in random_ipo if fits[a] != "stuck")[0]
+    for a in (top, rand):
+        start = tests[a]["fit"]["val_start"]["val_loss"]
+        tests[a]["fit"] = {**tests[a]["fit"], "status": "converged", "best": {"step": 2, "val_loss": start * 0.995}}
+    flat_st = compute_stats(tests, 20)
+    assert {top, rand} <= set(flat_st["fits"]["flat"])
+    assert flat_st["ipo"]["test"]["n_random"] == st["ipo"]["test"]["n_random"]
+    assert "the fit at S* stayed flat" in flat_st["ipo"]["verdict"]
+    assert "stayed flat" not in compute_stats(tests, 20, min_delta=0.001)["ipo"]["verdict"]  # 0.5% is > 0.1%
     # side metrics: MC1/MC2/KL and rate-based True*Info against the same null
     assert set(st["iti"]["side_metrics"]) == {"truth_info_pct", "mc1", "mc2", "kl"}
     assert st["iti"]["side_metrics"]["kl"]["higher_is_better"] is False
@@ -444,7 +462,7 @@ def test_results_schema_is_documented(study_dir, monkeypatch, tmp_path):
 
     arms = {r["arm"] for r in smoke["rows"]}
     allowed = {"<arm>": arms, "<method>": {m.name for m in LOCATED}, "<metric>": set(SIDE_METRICS),
-               "<status>": set(STATUSES), "<judge>": {"truth", "info"}, "<split>": {"test", "val"},
+               "<status>": set(STATUSES) | {"flat"}, "<judge>": {"truth", "info"}, "<split>": {"test", "val"},
                "<stage>": None, "<type>": None, "<category>": None, "<part>": None}  # None: any name
     for k in keys:
         for seg in k.split("."):

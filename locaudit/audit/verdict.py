@@ -33,6 +33,7 @@ from locaudit.audit.steering import STEERING
 from locaudit.packing import stored_choices
 from locaudit.stats import NullTest, null_test, ordinal
 from locaudit.tasks import ItemScores
+from locaudit.training import recorded_status
 
 LEVEL = 0.95
 ALPHA = 0.05
@@ -126,13 +127,8 @@ UNTRAINED = ("stuck", "flat")  # fits whose edit may not be the optimal one: no 
 
 
 def fit_status(fit: dict, min_delta: float) -> str | None:
-    """A fitted arm's status for the audit: its fit's ("converged", "step_cap", "stuck", ...), or "flat" when the
-    fit stopped with its best validation loss less than `min_delta` (relative) below its start."""
-    status = fit.get("status")
-    best, start = (fit.get("best") or {}).get("val_loss"), (fit.get("val_start") or {}).get("val_loss")
-    if status in (None, "stuck") or best is None or start is None:
-        return status
-    return "flat" if best > start - min_delta * abs(start) else status
+    """A fitted arm's status for the audit (`training.recorded_status`): its fit's, or "flat"."""
+    return recorded_status(fit, min_delta)
 
 
 def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.0) -> AuditResult:
