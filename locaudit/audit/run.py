@@ -100,9 +100,18 @@ def fit_edit(lm: LoadedModel, task: Task | str, units: UnitSet | HeadSet | str |
     elif units is not None:
         units = as_units(units).validate(lm.arch)
     split = split or task.split(seed, limit)
-    cfg = replace(config or FitConfig(), seed=seed, fmt=task.prompt_format(lm).name)
-    return fit_optimal_edit(lm, units, task.pairs(split.train), task.pairs(split.val), cfg, seed=seed,
-                            progress=progress)
+    return fit_optimal_edit(lm, units, *_fit_pairs(task, split), task_fit_config(lm, task, config or FitConfig(), seed),
+                            seed=seed, progress=progress)
+
+
+def task_fit_config(lm: LoadedModel, task: Task, config: FitConfig, seed: int) -> FitConfig:
+    """`config` for fitting on `task`: the audit's seed and the task's prompt format for this model."""
+    return replace(config, seed=seed, fmt=task.prompt_format(lm).name)
+
+
+def _fit_pairs(task: Task, split: TaskSplit) -> tuple[list, list]:
+    """The preference pairs a fit trains on (training items) and early-stops on (validation items)."""
+    return task.pairs(split.train), task.pairs(split.val)
 
 
 def _tau_tag(tau: float) -> str:
@@ -200,10 +209,9 @@ class AuditRun:
         missing = [t for t in self.cfg.taus if not self.trial_path(arm, t).is_file()]
         if arm.kind in ("none", *STEER_KINDS) or len(missing) < 2:
             return
-        fmt = self.task.prompt_format(self.lm).name
-        cfgs = [replace(self.cfg.fit, tau=t, seed=self.cfg.seed, fmt=fmt) for t in missing]
-        results, _ = fit_optimal_edits(self.lm, arm.units, self.task.pairs(self.split.train),
-                                       self.task.pairs(self.split.val), cfgs, seed=self.cfg.seed,
+        cfg = task_fit_config(self.lm, self.task, self.cfg.fit, self.cfg.seed)
+        results, _ = fit_optimal_edits(self.lm, arm.units, *_fit_pairs(self.task, self.split),
+                                       [replace(cfg, tau=t) for t in missing], seed=self.cfg.seed,
                                        packing=self.cfg.packing, store=self.out / "packing", progress=self.progress)
         self._fitted.update({(arm.name, t): r for t, r in zip(missing, results)})
 
