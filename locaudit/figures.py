@@ -160,7 +160,7 @@ def paired_differences(rows: Sequence[dict], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-FIT_STYLES = {"converged": "-", "step_cap": "--", "fixed_schedule": "--", "stuck": ":"}
+FIT_STYLES = {"converged": "-", "step_cap": "--", "fixed_schedule": "--", "stuck": ":", "flat": "-."}
 
 
 def fit_curves(fits: Sequence[dict], path: Path, title: str, ncols: int = 5) -> Path:

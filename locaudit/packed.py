@@ -44,8 +44,8 @@ from locaudit.interventions import FullRank1, Intervention, LocalizedRank1
 from locaudit.models import LoadedModel
 from locaudit.scoring import _token_logprobs, collate, forward_rows, new_cache, prefix_kv
 from locaudit.shared_prefix import own_mask, shared_prefix
-from locaudit.training import (FitConfig, FitResult, Plateau, bucketed_batches, default_lr, identity_eval, margin,
-                               preference_accuracy, preference_loss, prepare_pairs, schedule)
+from locaudit.training import (FitConfig, FitResult, Plateau, bucketed_batches, default_lr, identity_eval, keep_best,
+                               margin, preference_accuracy, preference_loss, prepare_pairs, schedule)
 
 # FitConfig fields every edit of a pack must share: they fix the pairs and the order of the batches.
 SHARED = ("fmt", "seed", "batch_size", "shuffle", "max_train_pairs", "max_val_pairs")
@@ -415,14 +415,14 @@ def fit_packed_to_optimum(lm: LoadedModel, new_edits: Sequence[Callable[[], Inte
                           cfgs: FitConfig | Sequence[FitConfig], n_heads: int | None | Sequence[int | None] = None,
                           progress: bool = True) -> list[FitResult]:
     """`training.fit_to_optimum` for K edits: all fitted in one pack from fresh edits (`new_edits[k]()`); the fits
-    that never left the identity (with `retry_flat`, or stayed flat) are refitted, packed together, from fresh edits at lr * retry_factor, up to their
-    `retries` times. Each result lists its earlier attempts, and its seconds include theirs."""
+    to retry (never left the identity, or with `retry_flat` stayed flat) are refitted, packed together, from fresh
+    edits at lr * retry_factor, up to their `retries` times. Each edit keeps its best attempt (`keep_best`), which
+    lists the others, and its seconds include theirs."""
     K = len(new_edits)
     cfgs = _per_edit(cfgs, K, "cfgs")
     n_heads = _per_edit(n_heads, K, "n_heads")
     lrs = [c.lr if c.lr is not None else default_lr(n, c) for c, n in zip(cfgs, n_heads)]
-    attempts: list[list[dict]] = [[] for _ in range(K)]
-    results: list[FitResult | None] = [None] * K
+    tries: list[list[FitResult]] = [[] for _ in range(K)]
     pending = list(range(K))
     round_ = 0
     while pending:
@@ -430,15 +430,9 @@ def fit_packed_to_optimum(lm: LoadedModel, new_edits: Sequence[Callable[[], Inte
                           [replace(cfgs[i], lr=lrs[i]) for i in pending], [n_heads[i] for i in pending], progress)
         still = []
         for i, result in zip(pending, fits):
-            if not result.retry or round_ == cfgs[i].retries:
-                result.attempts = attempts[i]
-                result.seconds += sum(a["seconds"] for a in attempts[i])
-                results[i] = result
-            else:
-                attempts[i].append({"lr": lrs[i], "status": result.status, "steps": result.steps,
-                                    "seconds": result.seconds,
-                                    "val_loss_min": min(h["val_loss"] for h in result.history if "val_loss" in h)})
+            tries[i].append(result)
+            if result.retry and round_ < cfgs[i].retries:
                 lrs[i] *= cfgs[i].retry_factor
                 still.append(i)
         pending, round_ = still, round_ + 1
-    return results
+    return [keep_best(t) for t in tries]

@@ -71,10 +71,14 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
     A fit that never left the identity ("stuck", after its retries) is not an optimal edit at its location: it
     is left out of the random null and listed, never counted silently. A "flat" fit (best validation loss less
     than `min_delta` below its start) stays in the null, as in the audit (a location where no edit helps is a
-    measurement), and is listed; a flat fit at S* or full alignment gets a warning in the verdict."""
+    measurement), and is listed; a flat fit at S* or full alignment gets a warning in the verdict (the audit goes
+    further and gives no verdict on those)."""
 
     def status(row: dict) -> str | None:
         return fit_status(row, min_delta)
+
+    def raw(row: dict) -> str | None:  # how the fit stopped (a flat fit may also have stopped at the step cap)
+        return (row.get("fit") or {}).get("status")
 
     by_group = lambda method, group: [r for r in tests.values() if r["method"] == method and r["group"] == group]  # noqa: E731
     out: dict = {"arms": {}}
@@ -87,7 +91,7 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
     out["fits"] = {"n": len(fitted), "by_status": {k: sum(v == k for v in fitted.values()) for k in sorted(set(fitted.values()))},
                    "stuck": sorted(n for n, v in fitted.items() if v == "stuck"),
                    "flat": sorted(n for n, v in fitted.items() if v == "flat"),
-                   "not_converged": sorted(n for n, v in fitted.items() if v in ("step_cap", "fixed_schedule"))}
+                   "not_converged": sorted(n for n in fitted if raw(tests[n]) in ("step_cap", "fixed_schedule"))}
     full = tests.get("full")
     for m in LOCATED:
         method, label = m.name, m.label
@@ -111,7 +115,7 @@ def compute_stats(tests: dict[str, dict], n_boot: int, seed: int = 0, probe_acc:
             elif row is not None and status(row) == "flat":
                 verdict += (f" Warning: the fit at {who} stayed flat (its best validation loss is less than "
                             f"{min_delta:.0%} below its start), so it may not be the optimal edit there.")
-        unconverged = [r["arm"] for r in top + rand if status(r) in ("step_cap", "fixed_schedule")]
+        unconverged = [r["arm"] for r in top + rand if raw(r) in ("step_cap", "fixed_schedule")]
         if unconverged:
             verdict += (f" Caution: {len(unconverged)} of the {len(top) + len(rand)} fits compared here were not trained to "
                         f"convergence (fixed schedule or step cap), so they measure how fast a location learns, not its "
@@ -238,10 +242,19 @@ def _qids(row: dict) -> list:
     return list(pq["qid"]) if "qid" in pq else list(range(len(pq["truth_p"])))
 
 
-def fit_records(run_dir: Path, trials: list[dict], selections: dict) -> list[dict]:
+def _curve_status(fit: dict, min_delta: float) -> str:
+    """A recorded fit's status (`recorded_status`, "flat" included) from its edit.json or trial record."""
+    start = (fit.get("val_curve") or [None])[0]
+    return recorded_status({"status": fit.get("status", "unknown"), "best": fit.get("best"), "val_start": start},
+                           min_delta) or "unknown"
+
+
+def fit_records(run_dir: Path, trials: list[dict], selections: dict,
+                min_delta: float = FitConfig.min_delta) -> list[dict]:
     """Every optimal-edit fit of the run, one per (arm, tau): its training-batch losses and validation losses
-    ([[step, loss]]), kept checkpoint, status and whether validation chose its tau. From each fitted edit's
-    edit.json (train_curve, val_curve); a fit whose edit files are gone keeps its trials' val_curve."""
+    ([[step, loss]]), kept checkpoint, status ("flat" as `compute_stats` calls it) and whether validation chose
+    its tau. From each fitted edit's edit.json (train_curve, val_curve); a fit whose edit files are gone keeps its
+    trials' val_curve."""
     fits: dict[tuple, dict] = {}
     for meta_path in sorted((Path(run_dir) / "edits").glob("*/*/edit.json")):
         meta = read_json(meta_path)
@@ -250,7 +263,7 @@ def fit_records(run_dir: Path, trials: list[dict], selections: dict) -> list[dic
         key = (meta["edit_label"], float(meta["config"]["tau"]))
         fits[key] = {"train": [list(p) for p in meta.get("train_curve") or []],
                      "val": [[h["step"], h["val_loss"]] for h in meta["val_curve"]],
-                     "best_step": (meta.get("best") or {}).get("step"), "status": meta.get("status", "unknown")}
+                     "best_step": (meta.get("best") or {}).get("step"), "status": _curve_status(meta, min_delta)}
     groups = {}
     for r in trials:
         if r.get("fit") and r.get("tau") is not None:
@@ -259,7 +272,7 @@ def fit_records(run_dir: Path, trials: list[dict], selections: dict) -> list[dic
             if key not in fits and r["fit"].get("val_curve"):
                 f = r["fit"]
                 fits[key] = {"train": [], "val": [[h["step"], h["val_loss"]] for h in f["val_curve"]],
-                             "best_step": (f.get("best") or {}).get("step"), "status": f.get("status", "unknown")}
+                             "best_step": (f.get("best") or {}).get("step"), "status": _curve_status(f, min_delta)}
     order = {"top": 0, "full": 1, "all-heads": 2, "single-best": 3, "random": 4, "single-random": 5}
     out = [{"arm": arm, "tau": tau, **f, "group": groups.get(arm),
             "selected": selections.get(arm) is not None and float(selections[arm]) == tau}
@@ -297,15 +310,15 @@ def write_report(run_dir: Path) -> dict:
 
     probe_npz = run_dir / "probes" / "probes.npz"
     probe_acc = np.load(probe_npz)["val_acc"] if probe_npz.is_file() else None
-    st = compute_stats(tests, n_boot, probe_acc=probe_acc,
-                       min_delta=config["preset"].get("fit", {}).get("min_delta", FitConfig.min_delta))
+    min_delta = config["preset"].get("fit", {}).get("min_delta", FitConfig.min_delta)
+    st = compute_stats(tests, n_boot, probe_acc=probe_acc, min_delta=min_delta)
     judge = next((r.get("judge") for r in trials if r.get("judge")), None)
     results = {"schema_version": SCHEMA_VERSION, "config": config, "run": run, "stats": st, "judge": judge,
                "replication": replication.replication_rows(st), "paired_differences": paired_differences(tests, st),
                "rows": [{k: v for k, v in r.items() if k != "per_question"} for r in trials]}
     atomic_write_json(run_dir / "results.json", strict_json(results))
 
-    figs = _figures(run_dir, tests, trials, st, probe_acc, results["paired_differences"], fit_records(run_dir, trials, selections))
+    figs = _figures(run_dir, tests, trials, st, probe_acc, results["paired_differences"], fit_records(run_dir, trials, selections, min_delta))
     atomic_write_text(run_dir / "report.html", report_html.page(config, run, st, judge, tests, figs, results["replication"]))
     return results
 
@@ -379,7 +392,8 @@ def _figures(run_dir: Path, tests: dict, trials: list[dict], st: dict, probe_acc
                           f"All {len(fits)} fits ({n_arms} arms): training-batch loss (thin) and validation loss (dots), "
                           f"divided by the validation loss at step 0; one colour per tau, the tau chosen on validation "
                           f"bold; the star is the kept checkpoint; dotted lines are fits that never left the identity, "
-                          f"dashed ones stopped at the step cap."))
+                          f"dash-dotted ones stayed flat (never min_delta below the start), dashed ones stopped at the "
+                          f"step cap."))
     if probe_acc is not None:
         top = next((r["heads"] for r in tests.values() if r["method"] == "iti" and r["group"] == "top"), "")
         marked = [(h.layer, h.head) for h in map(parse_head, filter(None, top.split(",")))]

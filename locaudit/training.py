@@ -275,7 +275,7 @@ class FitResult:
     n_val_pairs: int
     status: str = "fixed_schedule"  # one of STATUSES
     steps: int = 0
-    attempts: list = None  # earlier attempts at higher learning rates that stayed at the identity
+    attempts: list = None  # the other attempts of `fit_to_optimum` (other learning rates), not kept
 
     @property
     def moved(self) -> bool:
@@ -411,20 +411,37 @@ def fit_to_optimum(lm: LoadedModel, new_edit, train_pairs: Sequence[PreferencePa
                    progress: bool = True) -> FitResult:
     """`fit` a fresh edit from `new_edit()`; a fit that never leaves the identity (its best checkpoint is the
     start: the learning rate overshoots, or the location cannot move the loss), or with `retry_flat` one that stays
-    flat, is retried from a fresh edit at `lr * retry_factor`, up to `cfg.retries` times. The result lists the earlier attempts; if every attempt
+    flat, is retried from a fresh edit at `lr * retry_factor`, up to `cfg.retries` times. Of all attempts the one
+    with the lowest validation loss is kept (`keep_best`), the others listed in its `attempts`; if every attempt
     stayed at the identity its status is "stuck"."""
     lr = cfg.lr if cfg.lr is not None else default_lr(n_heads, cfg)
-    attempts = []
+    tries = []
     for k in range(cfg.retries + 1):
-        result = fit(lm, new_edit(), train_pairs, val_pairs, replace(cfg, lr=lr), n_heads=n_heads, progress=progress)
-        if not result.retry or k == cfg.retries:
-            result.attempts = attempts
-            result.seconds += sum(a["seconds"] for a in attempts)  # the fit's cost includes its failed attempts
-            return result
-        attempts.append({"lr": lr, "status": result.status, "steps": result.steps, "seconds": result.seconds,
-                         "val_loss_min": min(h["val_loss"] for h in result.history if "val_loss" in h)})
+        tries.append(fit(lm, new_edit(), train_pairs, val_pairs, replace(cfg, lr=lr), n_heads=n_heads,
+                         progress=progress))
+        if not tries[-1].retry:
+            break
         lr *= cfg.retry_factor
-    raise AssertionError("unreachable")
+    return keep_best(tries)
+
+
+def attempt_record(result: FitResult) -> dict:
+    """One attempt of `fit_to_optimum` that was not kept, as the kept fit's `attempts` list it."""
+    return {"lr": result.config.lr, "status": "flat" if result.moved and result.flat else result.status,
+            "steps": result.steps, "seconds": result.seconds,
+            "val_loss_min": min(h["val_loss"] for h in result.history if "val_loss" in h)}
+
+
+def keep_best(tries: Sequence[FitResult]) -> FitResult:
+    """Of a fit's attempts, the one whose kept checkpoint has the lowest validation loss (the latest on ties, so a
+    fit stuck at every rate reports its last), with the others in its `attempts` and their cost in its seconds: a
+    retry at a lower learning rate that does worse never replaces an attempt that trained."""
+    i = min(range(len(tries)), key=lambda j: (tries[j].best["val_loss"], -j))
+    kept = tries[i]
+    others = [t for j, t in enumerate(tries) if j != i]
+    kept.attempts = [attempt_record(t) for t in others]
+    kept.seconds += sum(t.seconds for t in others)  # the fit's cost includes every attempt
+    return kept
 
 
 def recorded_status(fit: dict | None, min_delta: float) -> str | None:

@@ -264,18 +264,22 @@ def test_fits_that_never_left_their_plateau_are_not_optimal_edits(tmp_path):
     out = tmp_path / "a"
     first = audit("L0H1", data, out, cfg, lm=lm, progress=False)
     assert "flat" not in [r["status"] for r in first.rows]
+    # FAST's 6-step cap stops every fit while it still improves: the verdict names them
+    assert ("Caution: 5 of the fits compared (claim, random-00, random-01, random-02, full) stopped at the step cap"
+            in first.verdict)
 
-    def flatten(arm):
+    def flatten(arm, status="converged"):
         path = out / "trials" / arm / "tau0.1.json"
         r = json.loads(path.read_text())
         r["fit"]["best"] = {**r["fit"]["best"], "val_loss": r["fit"]["val_start"]["val_loss"] * 0.995}
-        r["fit"]["status"] = "converged"
+        r["fit"]["status"] = status
         path.write_text(json.dumps(r))
 
     flatten("random-01")
     res = audit("L0H1", data, out, cfg, lm=lm, progress=False)
     assert res.row("random-01")["status"] == "flat"
     assert res.null.n_random == 3  # a flat random set is a measurement: it stays in the null
+    assert "Caution: 4 of the fits compared (claim, random-00, random-02, full) stopped" in res.verdict
     flatten("full")
     res = audit("L0H1", data, out, cfg, lm=lm, progress=False)
     assert res.strength == "uninformative" and "Full alignment's fit is flat" in res.verdict

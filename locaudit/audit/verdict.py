@@ -171,8 +171,14 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
             r["frac_full"] = float(_ratio(r["value"] - base, stat["full"] - base))
     else:
         frac, rand_frac = (float("nan"),) * 3, []
+    # fits stopped at the step cap while still improving (a flat one may have too): not shown to be optima
+    capped = [r["arm"] for r in rows if (chosen[r["arm"]].get("fit") or {}).get("status") == "step_cap"
+              and r["kind"] in ("claim", "random", "full")]
     strength, text = _verdict(task, run, claim_row, full_row, base, null, null_all, frac, rand_frac, n,
                               n_stuck=len(randoms) - len(live), n_flat=sum(r["status"] == "flat" for r in randoms))
+    if capped:
+        text += (f" Caution: {len(capped)} of the fits compared ({', '.join(capped)}) stopped at the step cap while "
+                 f"still improving, so they show how far a location gets in that budget, not its optimal edit.")
     steering = _steering(task, run, rows, stat, boot, base, full_row)
     config = {"n_random": cfg.n_random, "match_layers": cfg.match_layers, "taus": list(cfg.taus),
               "n_boot": cfg.n_boot, "seed": cfg.seed, "steering": cfg.steering, "packing": cfg.packing,
