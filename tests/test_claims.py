@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -137,12 +139,17 @@ def test_resume_with_steering_arms_and_a_heuristic_claim(tmp_path):
     first = audit("atp-layers:1", data, tmp_path / "a", cfg, lm=lm, progress=False)
     assert first.heuristic["spec"] == "atp-layers:1"
     assert json.loads((tmp_path / "a" / "audit.json").read_text())["heuristic"] == first.heuristic
-    # written before `packing` and `fit.retry_flat` existed: the audit and its stored heuristic still match
-    for path, key in ((tmp_path / "a" / "audit.json", None), (tmp_path / "a" / "heuristic" / "heuristic.json", "key")):
-        rec = json.loads(path.read_text())
-        old = rec[key] if key else rec
-        del old["config"]["packing"], old["config"]["fit"]["retry_flat"]
-        path.write_text(json.dumps(rec))
+    # written before `packing` and `fit.retry_flat` existed, the heuristic keyed by the whole record as it was
+    # then: the audit and its stored heuristic still match
+    path = tmp_path / "a" / "audit.json"
+    rec = json.loads(path.read_text())
+    del rec["config"]["packing"], rec["config"]["fit"]["retry_flat"]
+    path.write_text(json.dumps(rec))
+    hpath = tmp_path / "a" / "heuristic" / "heuristic.json"
+    h = json.loads(hpath.read_text())
+    assert set(h["key"]["config"]) == {"seed", "limit_items", "max_val_items", "batch_size", "meandiff_alphas"}
+    h["key"] = {k: v for k, v in rec.items() if k != "claim"}
+    hpath.write_text(json.dumps(h))
     stored = sorted((tmp_path / "a").glob("trials/*/*.json")) + [tmp_path / "a" / "heuristic" / "heuristic.json"]
     stamps = {p: p.stat().st_mtime_ns for p in stored}
     for arm in ("claim-steer", "random-01-steer"):  # an interrupted audit: two steering trials missing
@@ -157,6 +164,16 @@ def test_resume_with_steering_arms_and_a_heuristic_claim(tmp_path):
     off = audit("atp-layers:1", data, tmp_path / "b", AuditConfig(n_random=2, fit=FAST, steering=False), lm=lm,
                 progress=False)
     assert off.steering is None and [r["value"] for r in off.rows] == [r["value"] for r in first.rows[:5]]
+    # a heuristic depends on a few settings only (`heuristic_key`): an audit with other fit settings given a copy
+    # of heuristic/ reads it back; one with another seed (another split) computes its own
+    for name, fit, seed, reused in (("c", replace(FAST, max_steps=4), 0, True), ("d", FAST, 1, False)):
+        shutil.copytree(tmp_path / "a" / "heuristic", tmp_path / name / "heuristic")
+        copied = tmp_path / name / "heuristic" / "heuristic.json"
+        before = copied.read_bytes()
+        other = audit("atp-layers:1", data, tmp_path / name, replace(cfg, n_random=1, fit=fit, seed=seed,
+                                                                     steering=False), lm=lm, progress=False)
+        assert (copied.read_bytes() == before) is reused
+        assert other.claim == first.claim or not reused
 
 
 def test_bad_heuristic_specs_fail_in_one_line(tmp_path, capsys):

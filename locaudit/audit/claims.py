@@ -214,6 +214,22 @@ def heuristic_record(text: str) -> dict | None:
             "what": h.help, "files": HEURISTIC_DIR}
 
 
+# the audit settings a heuristic reads (`HeuristicInputs`: the split, probes' and steering batches, the sweep's
+# validation items and multipliers); a stored heuristic is reused while these match, whatever the fit settings
+HEURISTIC_SETTINGS = ("seed", "limit_items", "max_val_items", "batch_size", "meandiff_alphas")
+
+
+def heuristic_key(record: dict) -> dict:
+    """What a stored heuristic's scores depend on, from an audit.json record (model, task, the heuristic's spec and
+    `HEURISTIC_SETTINGS`); a stored key written with the whole record gives the same key."""
+    record = upgrade_record(record)
+    try:
+        return {**{k: record[k] for k in ("version", "model", "task", "heuristic")},
+                "config": {k: record["config"][k] for k in HEURISTIC_SETTINGS}}
+    except (KeyError, TypeError):
+        return {}
+
+
 def _write(out: Path, sel: Selection, record: dict, key: dict) -> None:
     for name, arr in sel.scores.items():
         def save(tmp: Path, arr=arr):
@@ -233,7 +249,7 @@ def _stored(out: Path, record: dict, key: dict, arch: Arch) -> Claim | None:
         return None
     try:
         stored = read_json(path)
-        if upgrade_record(stored.get("key")) != key or stored.get("spec") != record["spec"]:
+        if heuristic_key(stored.get("key")) != heuristic_key(key) or stored.get("spec") != record["spec"]:
             return None
         probes = ProbeResult.load(out) if record["name"] == "probe" else None
         return Claim(parse_units(stored["claim"], arch, stored["label"]), record, probes)
@@ -246,7 +262,8 @@ def resolve_claim(claim: UnitSet | HeadSet | str, lm: LoadedModel, task: Task, s
     """The claim as units: given units, names ("L12H3,L14H1", "L3N100,L3N7", "L12", "L12A"), or a heuristic
     spec (`HEURISTICS`: probe:K, atp-heads:K, atp-neurons:K, atp-layers:K, sweep) run on the task's items. With
     `out`, the heuristic's scores are written under out/heuristic/; with `key` too (the audit's settings), a
-    heuristic already computed there with the same key is read back instead of run again."""
+    heuristic already computed there with the same `heuristic_key` (the settings it reads; an audit with other fit
+    settings, given a copy of another audit's heuristic/, reuses it) is read back instead of run again."""
     a = lm.arch
     if not isinstance(claim, str):
         return Claim(as_units(claim).validate(a))
@@ -263,5 +280,5 @@ def resolve_claim(claim: UnitSet | HeadSet | str, lm: LoadedModel, task: Task, s
             return stored
     sel = h.select(HeuristicInputs(lm, task, split, cfg, progress), k)
     if where is not None:
-        _write(where, sel, record, key)
+        _write(where, sel, record, heuristic_key(key))
     return Claim(sel.units, record, sel.probes, sel.vectors)
