@@ -9,7 +9,8 @@ do not depend on the claim, so after the first audit their trials (and full alig
 the next audit's directory, which reads them as finished trials instead of fitting full alignment again; the
 audits are checked to share model, task, split and settings. Finished audits are read back on a rerun (and
 summarized again by the code of the rerun; the first run's wall times are kept). Writes
-bench/results/unit-audits-<task>.json: every audit's arms, statistics, verdict and wall time, and the machine.
+bench/results/unit-audits-<task>.json: every audit's arms, statistics, verdict, wall time and the seconds its
+trials recorded (fit and evaluation of each arm, unchanged by resuming), and the machine.
 """
 
 from __future__ import annotations
@@ -82,7 +83,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"{d} and {first} are audits with different settings; their shared arms do not apply")
         first = first or d
         res = json.loads((d / "results.json").read_text())
+        # the arms' fit + evaluation seconds as their trial files recorded them (the same across resumed calls);
+        # the shared arms count in the audit that computed them
+        trial_seconds = sum(json.loads(p.read_text()).get("seconds", 0.0) for p in d.glob("trials/*/*.json")
+                            if d == first or p.parent.name not in SHARED_ARMS)
         rows.append({"claim": spec, "dir": str(d), "shared_from_first": shared, "wall_seconds_this_call": wall,
+                     "trial_seconds": trial_seconds,
                      "first_run_wall_seconds": prev_walls.get(str(d), wall), "claim_units": res["claim"],
                      **{k: res[k] for k in ("heuristic", "primary", "n_test_items", "null", "frac_full",
                                             "random_frac_full", "strength", "verdict", "wall_seconds", "arms")}})
