@@ -285,8 +285,7 @@ class FitResult:
     @property
     def flat(self) -> bool:
         """Whether the kept checkpoint is less than `min_delta` (relative) below the start's validation loss."""
-        start = self.history[0]["val_loss"]
-        return self.best["val_loss"] > start - self.config.min_delta * abs(start)
+        return is_flat(self.best["val_loss"], self.history[0]["val_loss"], self.config.min_delta)
 
     @property
     def retry(self) -> bool:
@@ -452,7 +451,12 @@ def recorded_status(fit: dict | None, min_delta: float) -> str | None:
     best, start = ((fit or {}).get("best") or {}).get("val_loss"), ((fit or {}).get("val_start") or {}).get("val_loss")
     if status in (None, "stuck") or best is None or start is None:
         return status
-    return "flat" if best > start - min_delta * abs(start) else status
+    return "flat" if is_flat(best, start, min_delta) else status
+
+
+def is_flat(best: float, start: float, min_delta: float) -> bool:
+    """The flat rule: the best validation loss is less than `min_delta` (relative) below the start's."""
+    return best > start - min_delta * abs(start)
 
 
 def fit_summary(result: FitResult) -> dict:

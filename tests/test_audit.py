@@ -250,7 +250,7 @@ def test_fits_that_never_left_their_plateau_are_not_optimal_edits(tmp_path):
     random set stays in the null (the planted tests' random heads are flat because they cannot move the
     behaviour), a flat claim gets "inconclusive", a flat full alignment "uninformative" (the audit re-reads its
     stored trials, edited here to make each fit flat)."""
-    from locaudit.audit.verdict import fit_status
+    from locaudit.training import recorded_status as fit_status
 
     start = {"val_loss": 25.0}
     assert fit_status({"status": "converged", "best": {"val_loss": 24.9}, "val_start": start}, 0.01) == "flat"

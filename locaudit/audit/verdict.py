@@ -126,11 +126,6 @@ def _ratio(num, den):
 UNTRAINED = ("stuck", "flat")  # fits whose edit may not be the optimal one: no verdict on a claim or ceiling like that
 
 
-def fit_status(fit: dict, min_delta: float) -> str | None:
-    """A fitted arm's status for the audit (`training.recorded_status`): its fit's, or "flat"."""
-    return recorded_status(fit, min_delta)
-
-
 def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.0) -> AuditResult:
     task, cfg = run.task, run.cfg
     chosen = {a.name: _select(task, trials[a.name]) for a in arms}
@@ -153,7 +148,7 @@ def summarize(run, arms, trials: dict[str, list[dict]], wall_seconds: float = 0.
             "alpha": r.get("alpha"), "steering": r.get("steering"), "value": stat[a.name],
             "ci": list(_interval(boot[a.name])), "gain": stat[a.name] - base,
             "gain_ci": list(_interval(boot[a.name] - boot["none"])),
-            "status": fit_status(fit, cfg.fit.min_delta), "steps": fit.get("steps"), "fit_seconds": fit.get("seconds"),
+            "status": recorded_status(fit, cfg.fit.min_delta), "steps": fit.get("steps"), "fit_seconds": fit.get("seconds"),
             "metrics": {m: scores[a.name].mean(m) for m in scores[a.name].scores},
         })
     randoms = [r for r in rows if r["kind"] == "random"]
